@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (set up, prep the debug shards, train debug-cpu on CPU
+# processes) and `make test`. Everything installs into .venv; torch comes first and pinned, then
+# DeepSpeed without build isolation, or either would pull a multi-GB CUDA torch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ithaca-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q packaging ninja psutil
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+runs/debug-data/manifest.json: $(STAMP)
+	$(BIN)/ithaca prep --output runs/debug-data
+
+demo: runs/debug-data/manifest.json
+	$(BIN)/ithaca train --config configs/debug-cpu.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,67 @@
+"""Shard format: webdataset tars of documents (token ids) plus manifest.json describing them.
+
+Each sample is one document: `{"__key__": "<doc index>", "tokens.npy": int array}`. The manifest
+names every shard with its document and token counts and sha256, and the tokenizer's identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = "ithaca-shards/1"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    documents: int
+    tokens: int
+    """Document tokens, not counting the EOS the loader puts after each document."""
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tokenizer: dict
+    shards: list[ShardInfo]
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "tokenizer": self.tokenizer, "documents": self.documents,
+                           "tokens": self.tokens, "shards": [vars(s) for s in self.shards]}, indent=1)
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read and check a shard folder's manifest; raises ValueError naming what is missing."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ValueError(f"data.path={str(folder)!r}: no such folder; write shards with `ithaca prep --output {folder}`")
+    if not path.is_file():
+        raise ValueError(f"data.path={str(folder)!r}: no {MANIFEST} (empty or unfinished); "
+                         f"write shards with `ithaca prep --output {folder}`")
+    try:
+        raw = json.loads(path.read_text())
+        manifest = Manifest(tokenizer=raw["tokenizer"], shards=[ShardInfo(**s) for s in raw["shards"]])
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"data.path={str(folder)!r}: {MANIFEST} is not an Ithaca manifest ({err}); "
+                         "re-run `ithaca prep`") from None
+    if not manifest.shards or manifest.tokens == 0:
+        raise ValueError(f"data.path={str(folder)!r}: the manifest lists no tokens; prep some input")
+    missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
+    if missing:
+        raise ValueError(f"data.path={str(folder)!r}: shard {missing[0]} is missing "
+                         f"({len(missing)} of {len(manifest.shards)}); re-run `ithaca prep`")
+    return manifest

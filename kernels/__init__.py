@@ -1,0 +1,5 @@
+"""Fused kernels, each a folder with a plain-PyTorch reference and one dispatch point."""
+
+from ithaca.kernels.attention import attention
+
+__all__ = ["attention"]

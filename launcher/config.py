@@ -1,0 +1,180 @@
+"""The run config: one YAML file -> typed, frozen dataclasses, checked before any process starts.
+
+Each section checks what it alone knows in `__post_init__`; `RunConfig.check_world` checks what
+needs the run (the world size). Every failure is a `ConfigError` reading `field=value: fix`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ithaca.models.llama_args import LlamaArgs
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field, the value and the fix."""
+
+    def __init__(self, field: str, value: object, fix: str):
+        super().__init__(f"{field}={value!r}: {fix}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    sp: int = 1
+    sp_method: Literal["ulysses"] = "ulysses"
+    """How softmax attention splits the sequence over the sp ranks."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "sp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}", getattr(self, name), "a degree is >= 1")
+        if self.pp != 1:
+            raise ConfigError("parallel.pp", self.pp, "pipeline parallelism is not built yet; set parallel.pp=1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.sp
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str
+    """Folder of shards written by `ithaca prep` (holds manifest.json)."""
+    seq_len: int = 128
+    """Tokens per training sequence; documents are packed end to end with EOS between them."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError("data.seq_len", self.seq_len, "use at least 2 tokens per sequence")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """The cosine decays the learning rate to lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    decay_steps: int | None = None
+    """Steps of warmup + cosine; omitted means train.steps. Set it to stop a run early and
+    extend it later on the same schedule."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; omitted means no clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", self.lr, "the learning rate must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", self.min_lr_ratio, "use a ratio in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", self.warmup_steps, "use 0 or more steps")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError("optim.decay_steps", self.decay_steps, "use >= 1 or omit it")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError("optim.grad_clip", self.grad_clip, "use a norm > 0, or omit it for no clipping")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int
+    global_batch: int = 8
+    """Sequences per optimizer step, summed over data-parallel ranks and micro-batches."""
+    micro_batch: int = 1
+    """Sequences per forward pass on one rank; gradient accumulation makes up the rest."""
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    log_every: int = 1
+    output_dir: str = "runs/default"
+    """Where checkpoints, the resolved config and the local MLflow store go."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "micro_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", getattr(self, name), "use 1 or more")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int | None = None
+    """Save every this many steps (and at the end); omitted means only at the end."""
+    dir: str | None = None
+    """Omitted means <train.output_dir>/checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ConfigError("checkpoint.every", self.every, "use 1 or more, or omit it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI (e.g. http://host:5000); omitted means a local store in
+    <train.output_dir>/mlruns."""
+    experiment: str = "ithaca"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: LlamaArgs
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        tp, sp = self.parallel.tp, self.parallel.sp
+        heads, kv_heads = self.model.n_heads, self.model.kv_heads
+        if heads % (tp * sp):
+            raise ConfigError("parallel", {"tp": tp, "sp": sp},
+                              f"model.n_heads={heads} must be divisible by tp*sp={tp * sp}; "
+                              "pick tp and sp whose product divides it")
+        if kv_heads % tp:
+            raise ConfigError("parallel.tp", tp, f"model.n_kv_heads={kv_heads} must be divisible by tp; "
+                              "pick tp dividing it")
+        local_kv = kv_heads // tp
+        if local_kv % sp and sp % local_kv:
+            raise ConfigError("parallel.sp", sp,
+                              f"Ulysses splits n_kv_heads/tp={local_kv} kv heads over sp ranks, repeating them "
+                              f"when there are fewer: one must divide the other; pick sp dividing {local_kv} "
+                              f"or a multiple of it")
+        if self.model.vocab_size % tp:
+            raise ConfigError("model.vocab_size", self.model.vocab_size,
+                              f"must be divisible by tp={tp}; pad it to a multiple of {tp}")
+        if self.data.seq_len % sp:
+            raise ConfigError("data.seq_len", self.data.seq_len, f"must be divisible by sp={sp}")
+        per_step = self.train.micro_batch * self.parallel.dp
+        if self.train.global_batch % per_step:
+            raise ConfigError("train.global_batch", self.train.global_batch,
+                              f"must be a multiple of micro_batch*dp={per_step}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch // (self.train.micro_batch * self.parallel.dp)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.output_dir) / "checkpoints")
+
+    def check_world(self, world_size: int) -> None:
+        """Check the layout against the world the run was started with."""
+        if self.parallel.world_size != world_size:
+            p = self.parallel
+            raise ConfigError("parallel", {"dp": p.dp, "tp": p.tp, "pp": p.pp, "sp": p.sp},
+                              f"dp*tp*pp*sp={p.world_size} must equal the world size {world_size}; "
+                              f"change the degrees or start {p.world_size} processes")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,42 @@
+"""The DeepSpeed engine for a run: optimizer, schedule, ZeRO, precision and clipping from the config."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+
+from ithaca.launcher.config import RunConfig
+from ithaca.launcher.schedule import WarmupCosine
+from ithaca.parallel.megatron_bridge import DeepSpeedMpu
+from ithaca.parallel.mesh import ParallelMesh
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.train.global_batch,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 1 << 30,  # our own step line replaces DeepSpeed's
+    }
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights); leave norms' gains alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, mesh: ParallelMesh) -> deepspeed.DeepSpeedEngine:
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    schedule = WarmupCosine(o.warmup_steps, o.decay_steps or cfg.train.steps, o.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           mpu=DeepSpeedMpu(mesh), config=deepspeed_config(cfg))
+    return engine

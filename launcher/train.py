@@ -1,0 +1,139 @@
+"""The training loop: one DeepSpeed step per global batch, logged, tracked and checkpointed.
+
+Loss under sequence and data parallelism (DESIGN.md, "Loss and counts under SP"): the loss is
+the sum of token losses over every dp x sp rank and micro-batch, divided by the number of real
+tokens in the global batch. Each rank backpropagates its share scaled so that DeepSpeed's own
+averaging (÷ dp over the dp x sp reduction, ÷ micro-batches) leaves exactly that gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ithaca.data.loader import LoaderState, PackedLoader
+from ithaca.data.shards import read_manifest
+from ithaca.kernels.attention import attention
+from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ithaca.launcher.config import RunConfig
+from ithaca.launcher.distributed import init_distributed
+from ithaca.launcher.engine import build_engine
+from ithaca.launcher.tracking import Tracker
+from ithaca.log import get_logger
+from ithaca.models.llama import Attend, Llama, token_losses
+from ithaca.parallel.megatron_bridge import model_parallel_config
+from ithaca.parallel.mesh import ParallelMesh
+from ithaca.parallel.ulysses import ulysses_attention
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+def make_attend(mesh: ParallelMesh) -> Attend:
+    """Plain causal attention, or Ulysses over the sp group when the sequence is split."""
+    if mesh.sp == 1:
+        return partial(attention, is_causal=True)
+    return partial(ulysses_attention, group=mesh.group("sp"), causal=True)
+
+
+def sequence_slice(window: torch.Tensor, sp_rank: int, sp: int) -> tuple[torch.Tensor, ...]:
+    """A window [b, L+1] -> this sp rank's contiguous (tokens, labels, positions), each [b, L/sp].
+
+    Labels are shifted on the whole window before the split, so the label at each slice edge is kept.
+    """
+    tokens, labels = window[:, :-1], window[:, 1:]
+    s = tokens.shape[1] // sp
+    part = slice(sp_rank * s, (sp_rank + 1) * s)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return tokens[:, part], labels[:, part], positions[:, part]
+
+
+def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh,
+               device: torch.device) -> tuple[float, int]:
+    """Forward/backward every micro-batch and step; returns (global mean token loss, global token count)."""
+    slices = [[t.to(device) for t in sequence_slice(w, mesh.rank("sp"), mesh.sp)] for w in micro_batches]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, real-token count]
+    sums[1] = sum(int((labels >= 0).sum()) for _, labels, _ in slices)
+    dist.all_reduce(sums[1:], group=mesh.group("dp_sp"))
+    global_tokens = sums[1].item()
+    # DeepSpeed divides gradients by dp (after summing over dp x sp) and by the micro-batch count.
+    scale = mesh.dp * len(slices) / global_tokens
+    for tokens, labels, positions in slices:
+        loss_sum = token_losses(engine(tokens, positions), labels).sum()
+        engine.backward(loss_sum * scale)
+        engine.step()
+        sums[0] += loss_sum.detach().double()
+    dist.all_reduce(sums[:1], group=mesh.group("dp_sp"))
+    return sums[0].item() / global_tokens, int(global_tokens)
+
+
+def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecord]:
+    """Train `cfg` in an initialized torchrun environment; returns rank 0's step records."""
+    ctx = init_distributed(dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp, sp=cfg.parallel.sp)
+    mesh, rank = ctx.mesh, dist.get_rank()
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    output = Path(cfg.train.output_dir)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(config_yaml)
+        log.info(f"resolved config:\n{config_yaml}")
+
+    torch.manual_seed(cfg.train.seed)  # same seed on every rank: whole weights are drawn, then split
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh))
+    engine = build_engine(cfg, model, mesh)
+
+    step, state, run_id = 0, LoaderState(), None
+    if resume is not None:
+        path = resolve_checkpoint(cfg.checkpoint_dir, resume)
+        client = load_checkpoint(engine, path)
+        step, state, run_id = client["step"], LoaderState(**client["loader"]), client["mlflow_run_id"]
+        log.info(f"resumed from {path} at step={step}")
+    loader = PackedLoader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch,
+                          micro_batch=cfg.train.micro_batch, dp=mesh.dp, dp_rank=mesh.rank("dp"),
+                          eos_id=read_manifest(cfg.data.path).tokenizer["eos_id"], state=state)
+    tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
+    records, ok = [], False
+    try:
+        while step < cfg.train.steps:
+            step += 1
+            start = time.perf_counter()
+            loss, tokens = train_step(engine, loader.next_step(), mesh, ctx.device)
+            seconds = time.perf_counter() - start
+            record = StepRecord(step=step, loss=loss, lr=engine.get_lr()[0],
+                                grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens=tokens,
+                                seconds=seconds)
+            records.append(record)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log.info(f"step={step} loss={loss:.4f} lr={record.lr:.3e} grad_norm={record.grad_norm:.3f} "
+                         f"tok_s={tokens / seconds:.0f} s_step={seconds:.3f}")
+            if tracker:
+                tracker.log_step(step, {"loss": loss, "lr": record.lr, "grad_norm": record.grad_norm,
+                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds,
+                                        "tokens_seen": loader.state.windows_done * cfg.data.seq_len})
+            every = cfg.checkpoint.every
+            if step == cfg.train.steps or (every and step % every == 0):
+                client = {"step": step, "loader": asdict(loader.state),
+                          "mlflow_run_id": tracker.run_id if tracker else None}
+                path = save_checkpoint(engine, cfg.checkpoint_dir, step, client)
+                log.info(f"checkpoint step={step} path={path}")
+        ok = True
+    finally:
+        if tracker:
+            tracker.finish(ok)
+    return records

@@ -1,0 +1,9 @@
+"""Model definitions; attention is handed in, so models never communicate themselves.
+
+The model itself is `ithaca.models.llama.Llama` (it imports megatron-core); only the light
+architecture dataclass is re-exported here so that loading a config stays fast.
+"""
+
+from ithaca.models.llama_args import LlamaArgs
+
+__all__ = ["LlamaArgs"]

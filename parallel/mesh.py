@@ -1,0 +1,51 @@
+"""The device mesh: one object that owns the dp x pp x tp x sp layout and its process groups.
+
+Rank order matches megatron-core's default "tp-cp-ep-dp-pp" (tp fastest, then sp, dp, pp):
+
+    rank = tp_rank + tp * (sp_rank + sp * (dp_rank + dp * pp_rank))
+
+Example, dp=2 sp=2 tp=2 (8 ranks): tp groups {0,1} {2,3} ...; sp groups {0,2} {1,3} {4,6} {5,7};
+dp groups {0,4} {1,5} {2,6} {3,7}. Tensor-parallel peers are neighbours (fastest links), then
+sequence-parallel peers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("pp", "dp", "sp", "tp")  # slowest to fastest
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """Named axes over a torch DeviceMesh, plus the dp x sp group that reduces gradients and losses."""
+
+    device_mesh: DeviceMesh
+    dp: int
+    pp: int
+    tp: int
+    sp: int
+
+    def group(self, axis: str) -> dist.ProcessGroup:
+        """The process group along one axis: "dp", "pp", "tp", "sp" or "dp_sp"."""
+        return self.device_mesh.get_group(axis)
+
+    def rank(self, axis: str) -> int:
+        return self.device_mesh.get_local_rank(axis)
+
+    def ranks(self, axis: str) -> list[int]:
+        """Global ranks of this rank's group along `axis`, in group order."""
+        return dist.get_process_group_ranks(self.group(axis))
+
+
+def build_mesh(*, dp: int, pp: int, tp: int, sp: int, device_type: str) -> ParallelMesh:
+    """Build every group of the layout; needs an initialized default process group of dp*pp*tp*sp ranks."""
+    world = dist.get_world_size()
+    if dp * pp * tp * sp != world:
+        raise ValueError(f"build_mesh: dp*pp*tp*sp={dp * pp * tp * sp} must equal the world size {world}")
+    mesh = init_device_mesh(device_type, (pp, dp, sp, tp), mesh_dim_names=AXES)
+    mesh["dp", "sp"]._flatten("dp_sp")
+    return ParallelMesh(device_mesh=mesh, dp=dp, pp=pp, tp=tp, sp=sp)

@@ -1,0 +1,67 @@
+"""DeepSpeed-Ulysses sequence parallelism (arXiv:2309.14509); math in DESIGN.md, "Ulysses".
+
+The all-to-all itself is DeepSpeed's `_SeqAllToAll` (forward: all-to-all scattering heads and
+gathering sequence; backward: the inverse all-to-all). What we add around it: our [b, s, h, d]
+layout, and grouped-query attention with fewer kv heads than ranks, where each kv head is
+repeated so that every rank holds the kv head its query heads read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.sequence.layer import _SeqAllToAll
+
+from ithaca.kernels.attention import attention
+
+_HEAD_DIM, _SEQ_DIM, _BATCH_DIM = 2, 1, 0
+
+
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[b, s, h, d] (a sequence slice, all heads) -> [b, s*P, h/P, d] (whole sequence, a head slice)."""
+    return _SeqAllToAll.apply(group, x.contiguous(), _HEAD_DIM, _SEQ_DIM, _BATCH_DIM)
+
+
+def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The inverse: [b, s*P, h/P, d] -> [b, s, h, d]."""
+    return _SeqAllToAll.apply(group, x.contiguous(), _SEQ_DIM, _HEAD_DIM, _BATCH_DIM)
+
+
+def kv_repeat_factor(n_heads: int, n_kv_heads: int, sp: int) -> int:
+    """How many times each kv head is repeated so that sp divides the kv heads.
+
+    Raises ValueError when neither sp divides n_kv_heads nor n_kv_heads divides sp.
+    """
+    if n_heads % sp:
+        raise ValueError(f"ulysses_attention: q heads {n_heads} must be divisible by the sp group size {sp}")
+    if n_kv_heads % sp == 0:
+        return 1
+    if sp % n_kv_heads == 0:
+        return sp // n_kv_heads
+    raise ValueError(f"ulysses_attention: kv heads {n_kv_heads} and sp group size {sp}: one must divide "
+                     "the other so kv heads can be split or repeated")
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+                      causal: bool = True) -> torch.Tensor:
+    """Exact softmax attention over a sequence split contiguously across `group`.
+
+    q [b, s, h, d], k and v [b, s, h_kv, d]: this rank's slice of the sequence (rank r holds
+    positions [r*s, (r+1)*s)). Returns this rank's [b, s, h, d] slice of the output.
+    Communication: two all-to-alls in forward (q, k, v in; output back) and two in backward;
+    each rank sends about (2h + 2h_kv') * b * s * d * (P-1)/P elements per direction, where
+    h_kv' = max(h_kv, P). Raises ValueError if h is not divisible by P or kv heads can be
+    neither split nor repeated over P.
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"ulysses_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    sp = dist.get_world_size(group)
+    repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
+    if sp == 1:
+        return attention(q, k, v, is_causal=causal)
+    if repeat > 1:  # repeat_interleave keeps kv head j's copies on the ranks whose q heads read it
+        k, v = k.repeat_interleave(repeat, dim=_HEAD_DIM), v.repeat_interleave(repeat, dim=_HEAD_DIM)
+    out = attention(_seq_to_heads(q, group), _seq_to_heads(k, group), _seq_to_heads(v, group),
+                    is_causal=causal)
+    return _heads_to_seq(out, group)
