@@ -8,6 +8,8 @@ repeated so that every rank holds the kv head its query heads read.
 
 from __future__ import annotations
 
+import deepspeed
+import deepspeed.comm
 import torch
 import torch.distributed as dist
 from deepspeed.sequence.layer import _SeqAllToAll
@@ -15,6 +17,16 @@ from deepspeed.sequence.layer import _SeqAllToAll
 from ithaca.kernels.attention import attention
 
 _HEAD_DIM, _SEQ_DIM, _BATCH_DIM = 2, 1, 0
+
+
+def _use_torch_process_groups() -> None:
+    """DeepSpeed's all-to-all goes through deepspeed.comm, which must wrap torch.distributed first.
+
+    Done on first use so that the function works in any model whose author started torch.distributed
+    but not DeepSpeed (DeepSpeed adopts the existing default group; nothing new is created).
+    """
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
 def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -60,6 +72,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
     if sp == 1:
         return attention(q, k, v, is_causal=causal)
+    _use_torch_process_groups()
     if repeat > 1:  # repeat_interleave keeps kv head j's copies on the ranks whose q heads read it
         k, v = k.repeat_interleave(repeat, dim=_HEAD_DIM), v.repeat_interleave(repeat, dim=_HEAD_DIM)
     out = attention(_seq_to_heads(q, group), _seq_to_heads(k, group), _seq_to_heads(v, group),

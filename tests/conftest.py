@@ -1,0 +1,30 @@
+"""Shared test setup: quiet library notices, one process-wide debug shard folder, poisoned outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ITHACA_POISON", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ithaca ...` as a user would; returns the finished process (output captured)."""
+    return subprocess.run([sys.executable, "-m", "ithaca", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def debug_shards(tmp_path_factory) -> Path:
+    """Byte-level shards of the standard library's modules, written once per session by `ithaca prep`."""
+    out = tmp_path_factory.mktemp("data") / "debug-data"
+    done = run_cli("prep", "--output", str(out), "--shard-tokens", "1000000")
+    assert done.returncode == 0, done.stderr
+    return out
