@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import deepspeed
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight needs only resolve_checkpoint
+    import deepspeed
 
 LATEST = "latest"
 

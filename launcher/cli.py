@@ -81,11 +81,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if not launched_by_torchrun():
         nproc = args.nproc or cfg.parallel.world_size
-        preflight(cfg, nproc)
+        preflight(cfg, nproc, args.resume)
         return _start_torchrun(nproc, argv)
-    preflight(cfg, env_world_size())
-    if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
-        raise ValueError(f"--resume={args.resume!r}: no such checkpoint folder")
+    preflight(cfg, env_world_size(), args.resume)
     from ithaca.launcher.train import run_training
 
     run_training(cfg, resume=args.resume)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ithaca.data.shards import read_manifest
+from ithaca.launcher.checkpoint import resolve_checkpoint
 from ithaca.launcher.config import ConfigError, RunConfig
 
 
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """Raise ConfigError naming the field and the fix if this run cannot start."""
+def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> None:
+    """Raise ConfigError (or ValueError, for a missing checkpoint) naming the fix if this run cannot start."""
     cfg.check_world(world_size)
+    if resume is not None:
+        resolve_checkpoint(cfg.checkpoint_dir, resume)
     try:
         manifest = read_manifest(cfg.data.path)
     except ValueError as err:

@@ -1,4 +1,4 @@
-"""Shared test setup: quiet library notices, one process-wide debug shard folder, poisoned outputs."""
+"""Shared test setup: the CLI runner and one session-wide folder of debug shards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("ITHACA_POISON", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,71 @@
+"""Bad input at the command line: a clear one-line error, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from ithaca.launcher.cli import main
+
+
+def train(capsys, tmp_path, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "run"
+    code = main(["train", "--config", "debug-cpu", "--set", f"train.output_dir={out}", *extra])
+    err = capsys.readouterr().err
+    assert not out.exists(), "a refused run must write nothing"
+    return code, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train.stpes=3"], "train.stpes=3: unknown key; did you mean 'steps'?"),
+    (["--nproc", "3"], "dp*tp*pp*sp=2 must equal the world size 3"),
+    (["--set", "parallel.tp=3"], "n_heads=4 must be divisible by tp*sp=3"),
+    (["--set", "parallel.sp=2", "--set", "parallel.dp=1", "--set", "data.seq_len=127"],
+     "data.seq_len=127: must be divisible by sp=2"),
+    (["--set", "model.n_heads=6", "--set", "model.n_kv_heads=3", "--set", "model.dim=96",
+      "--set", "parallel.sp=2", "--set", "parallel.dp=1"], "Ulysses splits n_kv_heads/tp=3"),
+])
+def test_config_errors_exit_2_with_one_line(capsys, tmp_path, debug_shards, extra, message):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", *extra)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_missing_and_empty_shard_folders(capsys, tmp_path):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={tmp_path / 'nowhere'}")
+    assert code == 2 and "data.path=" in err and "no such folder" in err and "ithaca prep" in err
+    (tmp_path / "empty").mkdir()
+    code, err = train(capsys, tmp_path, "--set", f"data.path={tmp_path / 'empty'}")
+    assert code == 2 and "no manifest.json" in err
+
+
+def test_vocab_smaller_than_the_shards_tokenizer(capsys, tmp_path, debug_shards):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", "--set", "model.vocab_size=256")
+    assert code == 2 and "model.vocab_size=256: the shards' tokenizer has 257 ids" in err
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path, debug_shards):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", "--resume")
+    assert code == 1 and "--resume: no checkpoint in" in err
+
+
+def test_prep_refuses_empty_input_and_writes_nothing(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "shards"
+    assert main(["prep", "--input", str(tmp_path / "empty.txt"), "--output", str(out)]) == 1
+    assert "hold no text" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".shards*"))
+
+
+def test_prep_refuses_a_non_empty_output_and_a_missing_input(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("mine")
+    assert main(["prep", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out")]) == 1
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "out" / "keep").read_text() == "mine"
+    assert main(["prep", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""Config loading and validation: each bad value is a ConfigError naming its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ithaca.launcher.config import ConfigError
+from ithaca.launcher.config_load import load_config
+
+
+def load(*overrides: str):
+    return load_config("debug-cpu", list(overrides))
+
+
+def test_shipped_debug_config_loads_with_overrides():
+    cfg = load("train.steps=7", "optim.lr=1e-3", "model.n_kv_heads=null")
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.model.kv_heads == cfg.model.n_heads
+    assert cfg.grad_accum_steps == cfg.train.global_batch // (cfg.train.micro_batch * cfg.parallel.dp)
+
+
+@pytest.mark.parametrize("override, field, fix", [
+    ("train.stpes=3", "train.stpes", "did you mean 'steps'"),
+    ("modle.dim=3", "modle", "did you mean 'model'"),
+    ("train.steps=many", "train.steps", "expected int"),
+    ("train.precision=fp8", "train.precision", "choose one of 'fp32', 'bf16'"),
+    ("train.zero_stage=4", "train.zero_stage", "choose one of"),
+    ("optim.lr=-1.0", "optim.lr", "> 0"),
+    ("parallel.sp=0", "parallel.sp", ">= 1"),
+    ("parallel.pp=2", "parallel.pp", "not built yet"),
+    ("parallel.tp=3", "parallel", "n_heads=4 must be divisible by tp\\*sp=3"),
+    ("parallel.tp=4", "parallel.tp", "n_kv_heads=2 must be divisible by tp"),
+    ("data.seq_len=1", "data.seq_len", "at least 2"),
+    ("train.global_batch=3", "train.global_batch", "multiple of micro_batch\\*dp=4"),
+    ("model.dim=66", "model", "divisible by n_heads"),
+    ("model.n_kv_heads=3", "model", "must divide n_heads"),
+    ("steps=3", "--set", "section.key=value"),
+])
+def test_bad_values_name_their_field_and_fix(override, field, fix):
+    with pytest.raises(ConfigError, match=rf"^{field}=.*{fix}"):
+        load(override)
+
+
+def test_sequence_length_must_split_over_sp():
+    with pytest.raises(ConfigError, match=r"^data.seq_len=127: must be divisible by sp=2"):
+        load("parallel.sp=2", "parallel.dp=1", "data.seq_len=127")
+
+
+def test_kv_heads_that_can_be_neither_split_nor_repeated_over_sp():
+    with pytest.raises(ConfigError, match=r"^parallel.sp=2: Ulysses splits n_kv_heads/tp=3"):
+        load("model.n_heads=6", "model.n_kv_heads=3", "model.dim=96", "parallel.sp=2", "parallel.dp=1")
+
+
+def test_world_size_must_equal_the_product_of_degrees():
+    cfg = load("parallel.dp=2", "parallel.sp=2")
+    cfg.check_world(4)
+    with pytest.raises(ConfigError, match=r"^parallel=.*dp\*tp\*pp\*sp=4 must equal the world size 3"):
+        cfg.check_world(3)
+
+
+def test_missing_required_field_and_missing_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {vocab_size: 8, dim: 8, n_layers: 1, n_heads: 2, ffn_dim: 8}\n"
+                                     "train: {steps: 1}\n")
+    with pytest.raises(ConfigError, match=r"^data=None: required"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"^--config='nope.yaml': no such file"):
+        load_config("nope.yaml")
