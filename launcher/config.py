@@ -153,6 +153,11 @@ class RunConfig:
         if self.model.vocab_size % tp:
             raise ConfigError("model.vocab_size", self.model.vocab_size,
                               f"must be divisible by tp={tp}; pad it to a multiple of {tp}")
+        if self.train.zero_stage == 3 and sp > 1:
+            # Seen with DeepSpeed 0.19.8: under ZeRO-3 the sp ranks' gradients are not summed
+            # (layout-parity test), so training would silently diverge from the 1-process run.
+            raise ConfigError("train.zero_stage", 3, f"ZeRO-3 does not reduce gradients over sp={sp} ranks "
+                              "in DeepSpeed 0.19.8; use zero_stage 1 or 2 with sequence parallelism")
         if self.data.seq_len % sp:
             raise ConfigError("data.seq_len", self.data.seq_len, f"must be divisible by sp={sp}")
         per_step = self.train.micro_batch * self.parallel.dp

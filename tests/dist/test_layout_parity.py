@@ -3,9 +3,12 @@
 Same seed and same global batches in every layout; weights are drawn whole and then split, so
 1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function. With 4 heads
 and 2 kv heads, tp2 x sp2 leaves one kv head per tp rank and repeats it over the sp ranks.
+ZeRO stages 2 and 3 and tied embeddings ride along on some layouts.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -13,36 +16,51 @@ import torch
 from harness import run_ranks
 
 STEPS = 10
-LAYOUTS = {  # name: (dp, tp, sp)
-    "dp2": (2, 1, 1), "sp2": (1, 1, 2), "tp2": (1, 2, 1), "dp2xsp2": (2, 1, 2), "tp2xsp2": (1, 2, 2),
+LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
+    "dp2": (2, 1, 1, ()),
+    "sp2": (1, 1, 2, ()),
+    "tp2": (1, 2, 1, ()),
+    "dp2xsp2": (2, 1, 2, ()),
+    "tp2xsp2": (1, 2, 2, ()),
+    "dp2xsp2-zero2": (2, 1, 2, ("train.zero_stage=2",)),
+    "dp2-zero3": (2, 1, 1, ("train.zero_stage=3",)),
+    "tp2xsp2-tied": (1, 2, 2, ("model.tie_embeddings=true",)),
 }
+MODEL_KEYS = ("model.",)  # overrides that change the function, so need their own single-process run
 
 
-def _train_losses(data: str, out: str, dp: int, tp: int, sp: int) -> list[float]:
+def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...]) -> dict[str, list[float]]:
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.train import run_training
 
     cfg = load_config("debug-cpu", [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", f"train.steps={STEPS}",
         "train.global_batch=4", "train.micro_batch=1", "train.log_every=100", "checkpoint.every=1000",
-        f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.sp={sp}"])
-    return [r.loss for r in run_training(cfg)]
+        f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.sp={sp}", *extra])
+    records = run_training(cfg)
+    return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
 
 
-@pytest.fixture(scope="module")
-def single_process_losses(debug_shards, tmp_path_factory) -> list[float]:
-    (losses,) = run_ranks(_train_losses, 1, str(debug_shards), str(tmp_path_factory.mktemp("single")), 1, 1, 1)
-    return losses
+@functools.cache
+def _single_process(data: str, out: str, model_overrides: tuple[str, ...]) -> dict[str, list[float]]:
+    (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1, model_overrides)
+    return curves
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_gives_single_process_loss_curve(layout, single_process_losses, debug_shards, tmp_path):
-    dp, tp, sp = LAYOUTS[layout]
-    per_rank = run_ranks(_train_losses, dp * tp * sp, str(debug_shards), str(tmp_path), dp, tp, sp)
-    assert len(single_process_losses) == STEPS
-    assert single_process_losses[-1] < single_process_losses[0] - 0.5  # it trains, so the curve means something
+def test_layout_gives_single_process_loss_curve(layout, debug_shards, tmp_path_factory):
+    dp, tp, sp, extra = LAYOUTS[layout]
+    model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
+    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), model_overrides)
+    per_rank = run_ranks(_train_curves, dp * tp * sp, str(debug_shards), str(tmp_path_factory.mktemp(layout)),
+                         dp, tp, sp, extra)
+    assert len(single["loss"]) == STEPS
+    assert single["loss"][-1] < single["loss"][0] - 0.5  # it trains, so the curve means something
     # fp32: layouts differ only in reduction order (all-reduce sums, split matmuls); over 10
-    # AdamW steps that drifts to ~1e-6 relative; 1e-4 still catches a wrong scale or slice
-    # (a missing /dp or a lost label moves the loss by >1e-2 from the first step).
-    torch.testing.assert_close(per_rank[0], single_process_losses, rtol=1e-4, atol=0)
-    assert all(losses == per_rank[0] for losses in per_rank)  # every rank logs the same global loss
+    # AdamW steps that drifts to ~1e-6 relative. 1e-4 still catches a wrong slice or label.
+    # Adam hides a gradient scaled by a constant (a wrong /dp), so the pre-clip gradient norm is
+    # compared too: a factor 2 there is a 100% error.
+    for curve in ("loss", "grad_norm"):
+        torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=1e-4, atol=0,
+                                   msg=lambda m: f"{curve} under {layout}: {m}")
+    assert all(curves == per_rank[0] for curves in per_rank)  # every rank logs the same global numbers

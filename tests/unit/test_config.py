@@ -50,6 +50,11 @@ def test_kv_heads_that_can_be_neither_split_nor_repeated_over_sp():
         load("model.n_heads=6", "model.n_kv_heads=3", "model.dim=96", "parallel.sp=2", "parallel.dp=1")
 
 
+def test_zero3_is_refused_with_sequence_parallelism():
+    with pytest.raises(ConfigError, match=r"^train.zero_stage=3: ZeRO-3 does not reduce gradients over sp=2"):
+        load("train.zero_stage=3", "parallel.sp=2", "parallel.dp=1")
+
+
 def test_world_size_must_equal_the_product_of_degrees():
     cfg = load("parallel.dp=2", "parallel.sp=2")
     cfg.check_world(4)
