@@ -64,3 +64,12 @@ def test_layout_gives_single_process_loss_curve(layout, debug_shards, tmp_path_f
         torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=1e-4, atol=0,
                                    msg=lambda m: f"{curve} under {layout}: {m}")
     assert all(curves == per_rank[0] for curves in per_rank)  # every rank logs the same global numbers
+
+
+def test_bf16_under_sequence_parallelism_follows_the_fp32_curve(debug_shards, tmp_path_factory):
+    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), ())
+    (bf16, _) = run_ranks(_train_curves, 2, str(debug_shards), str(tmp_path_factory.mktemp("bf16")), 1, 1, 2,
+                          ("train.precision=bf16",))
+    # bf16 weights and activations (fp32 loss) round at ~4e-3 relative per op; over 10 steps the
+    # curve stays within a few percent of fp32, while a broken path (no update, NaN) does not.
+    torch.testing.assert_close(bf16["loss"], single["loss"], rtol=3e-2, atol=0)
