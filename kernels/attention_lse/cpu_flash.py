@@ -1,0 +1,30 @@
+"""The block step on PyTorch's CPU flash-attention kernels, which return the log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    group = q.shape[2] // k.shape[2]  # the kernel wants as many kv heads as q heads
+    k, v = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
+    return tuple(t.transpose(1, 2) for t in (q, k, v))  # [b, s, h, d] -> [b, h, s, d]
+
+
+def attention_lse_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *_heads_first(q, k, v), 0.0, is_causal, scale=scale)
+    return out.transpose(1, 2), lse.float()
+
+
+def attention_lse_bwd_cpu(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, *, is_causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, s_k, h_kv, d = k.shape
+    group = q.shape[2] // h_kv
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2).contiguous(), *_heads_first(q, k, v), out.transpose(1, 2).contiguous(),
+        lse.to(q.dtype) if q.dtype != torch.float32 else lse, 0.0, is_causal, scale=scale)
+    dq, dk, dv = (t.transpose(1, 2).float() for t in (dq, dk, dv))
+    return dq, dk.reshape(b, s_k, h_kv, group, d).sum(3), dv.reshape(b, s_k, h_kv, group, d).sum(3)
