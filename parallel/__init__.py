@@ -1,6 +1,8 @@
 """Parallelism: the device mesh, sequence-parallel attention, and the megatron-core/DeepSpeed bridge."""
 
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
+from ithaca.parallel.ring import ring_attention
 from ithaca.parallel.ulysses import ulysses_attention
+from ithaca.parallel.zigzag import zigzag_merge, zigzag_split
 
-__all__ = ["ParallelMesh", "build_mesh", "ulysses_attention"]
+__all__ = ["ParallelMesh", "build_mesh", "ring_attention", "ulysses_attention", "zigzag_merge", "zigzag_split"]
