@@ -27,8 +27,12 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sp: int = 1
-    sp_method: Literal["ulysses"] = "ulysses"
-    """How softmax attention splits the sequence over the sp ranks."""
+    sp_method: Literal["ulysses", "ring", "usp"] = "ulysses"
+    """How softmax attention splits the sequence over the sp ranks: Ulysses all-to-all (needs heads
+    divisible by sp), ring attention (any head count), or usp: Ulysses inside groups of
+    ulysses_degree ranks and a ring across the groups."""
+    ulysses_degree: int | None = None
+    """usp only: ranks per Ulysses group (the same node); the ring spans sp / ulysses_degree groups."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "sp"):
@@ -36,6 +40,24 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}", getattr(self, name), "a degree is >= 1")
         if self.pp != 1:
             raise ConfigError("parallel.pp", self.pp, "pipeline parallelism is not built yet; set parallel.pp=1")
+        if self.sp_method == "usp":
+            if self.ulysses_degree is None or self.ulysses_degree < 1 or self.sp % self.ulysses_degree:
+                raise ConfigError("parallel.ulysses_degree", self.ulysses_degree,
+                                  f"usp needs ulysses_degree dividing sp={self.sp} (ulysses_degree x ring "
+                                  "degree = sp)")
+        elif self.ulysses_degree is not None:
+            raise ConfigError("parallel.ulysses_degree", self.ulysses_degree,
+                              f"only used with sp_method: usp (sp_method is {self.sp_method}); remove it")
+
+    @property
+    def ulysses(self) -> int:
+        """Ranks in each Ulysses all-to-all group."""
+        return {"ulysses": self.sp, "ring": 1, "usp": self.ulysses_degree}[self.sp_method]
+
+    @property
+    def ring(self) -> int:
+        """Ranks in each attention ring."""
+        return self.sp // self.ulysses
 
     @property
     def world_size(self) -> int:
@@ -135,21 +157,22 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        tp, sp = self.parallel.tp, self.parallel.sp
+        p = self.parallel
+        tp, sp, ulysses = p.tp, p.sp, p.ulysses
         heads, kv_heads = self.model.n_heads, self.model.kv_heads
-        if heads % (tp * sp):
-            raise ConfigError("parallel", {"tp": tp, "sp": sp},
-                              f"model.n_heads={heads} must be divisible by tp*sp={tp * sp}; "
-                              "pick tp and sp whose product divides it")
+        if heads % (tp * ulysses):
+            raise ConfigError("parallel", {"tp": tp, "sp": sp, "sp_method": p.sp_method},
+                              f"model.n_heads={heads} must be divisible by tp*ulysses={tp * ulysses} (tp={tp}, "
+                              f"Ulysses ranks={ulysses}); pick degrees whose product divides it, or sp_method: ring")
         if kv_heads % tp:
             raise ConfigError("parallel.tp", tp, f"model.n_kv_heads={kv_heads} must be divisible by tp; "
                               "pick tp dividing it")
         local_kv = kv_heads // tp
-        if local_kv % sp and sp % local_kv:
+        if local_kv % ulysses and ulysses % local_kv:
             raise ConfigError("parallel.sp", sp,
-                              f"Ulysses splits n_kv_heads/tp={local_kv} kv heads over sp ranks, repeating them "
-                              f"when there are fewer: one must divide the other; pick sp dividing {local_kv} "
-                              f"or a multiple of it")
+                              f"Ulysses splits n_kv_heads/tp={local_kv} kv heads over {ulysses} ranks, repeating "
+                              f"them when there are fewer: one must divide the other; pick a Ulysses degree "
+                              f"dividing {local_kv} or a multiple of it, or sp_method: ring")
         if self.model.vocab_size % tp:
             raise ConfigError("model.vocab_size", self.model.vocab_size,
                               f"must be divisible by tp={tp}; pad it to a multiple of {tp}")
@@ -158,8 +181,10 @@ class RunConfig:
             # (layout-parity test), so training would silently diverge from the 1-process run.
             raise ConfigError("train.zero_stage", 3, f"ZeRO-3 does not reduce gradients over sp={sp} ranks "
                               "in DeepSpeed 0.19.8; use zero_stage 1 or 2 with sequence parallelism")
-        if self.data.seq_len % sp:
-            raise ConfigError("data.seq_len", self.data.seq_len, f"must be divisible by sp={sp}")
+        chunks = sp if p.ring == 1 else 2 * sp  # the ring's zigzag cuts 2 chunks per ring rank
+        if self.data.seq_len % chunks:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"must be divisible by {chunks} (sp={sp}, sp_method={p.sp_method})")
         per_step = self.train.micro_batch * self.parallel.dp
         if self.train.global_batch % per_step:
             raise ConfigError("train.global_batch", self.train.global_batch,

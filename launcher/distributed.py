@@ -28,7 +28,7 @@ class Distributed:
     device: torch.device
 
 
-def init_distributed(*, dp: int, pp: int, tp: int, sp: int) -> Distributed:
+def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1) -> Distributed:
     """Start the default process group (if needed), the mesh and megatron-core's groups."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -38,6 +38,6 @@ def init_distributed(*, dp: int, pp: int, tp: int, sp: int) -> Distributed:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    mesh = build_mesh(dp=dp, pp=pp, tp=tp, sp=sp, device_type=device.type)
+    mesh = build_mesh(dp=dp, pp=pp, tp=tp, sp=sp, ring=ring, device_type=device.type)
     initialize_megatron(mesh)
     return Distributed(mesh=mesh, device=device)

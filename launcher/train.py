@@ -29,7 +29,10 @@ from ithaca.log import get_logger
 from ithaca.models.llama import Attend, Llama, token_losses
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
+from ithaca.parallel.ring import ring_attention
+from ithaca.parallel.sequence_layout import sequence_part
 from ithaca.parallel.ulysses import ulysses_attention
+from ithaca.parallel.usp import usp_attention
 
 log = get_logger(__name__)
 
@@ -45,28 +48,32 @@ class StepRecord:
 
 
 def make_attend(mesh: ParallelMesh) -> Attend:
-    """Plain causal attention, or Ulysses over the sp group when the sequence is split."""
+    """Causal attention for this mesh: local, Ulysses, ring, or both (USP), by the sp axis' shape."""
     if mesh.sp == 1:
         return partial(attention, is_causal=True)
-    return partial(ulysses_attention, group=mesh.group("sp"), causal=True)
+    if mesh.ring == 1:
+        return partial(ulysses_attention, group=mesh.group("sp"), causal=True)
+    if mesh.ulysses == 1:
+        return partial(ring_attention, group=mesh.group("ring"), causal=True)
+    return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True)
 
 
-def sequence_slice(window: torch.Tensor, sp_rank: int, sp: int) -> tuple[torch.Tensor, ...]:
-    """A window [b, L+1] -> this sp rank's contiguous (tokens, labels, positions), each [b, L/sp].
+def sequence_slice(window: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, ...]:
+    """A window [b, L+1] -> this sp rank's (tokens, labels, positions), each [b, L/sp], in the layout
+    its attention expects (parallel/sequence_layout.py).
 
-    Labels are shifted on the whole window before the split, so the label at each slice edge is kept.
+    Labels are shifted on the whole window before the split, so the label at each part's edge is kept.
     """
     tokens, labels = window[:, :-1], window[:, 1:]
-    s = tokens.shape[1] // sp
-    part = slice(sp_rank * s, (sp_rank + 1) * s)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    return tokens[:, part], labels[:, part], positions[:, part]
+    return tuple(sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
+                 for t in (tokens, labels, positions))
 
 
 def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh,
                device: torch.device) -> tuple[float, int]:
     """Forward/backward every micro-batch and step; returns (global mean token loss, global token count)."""
-    slices = [[t.to(device) for t in sequence_slice(w, mesh.rank("sp"), mesh.sp)] for w in micro_batches]
+    slices = [[t.to(device) for t in sequence_slice(w, mesh)] for w in micro_batches]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, real-token count]
     sums[1] = sum(int((labels >= 0).sum()) for _, labels, _ in slices)
     dist.all_reduce(sums[1:], group=mesh.group("dp_sp"))
@@ -84,7 +91,8 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh,
 
 def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecord]:
     """Train `cfg` in an initialized torchrun environment; returns rank 0's step records."""
-    ctx = init_distributed(dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp, sp=cfg.parallel.sp)
+    p = cfg.parallel
+    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, ring=p.ring)
     mesh, rank = ctx.mesh, dist.get_rank()
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     output = Path(cfg.train.output_dir)

@@ -2,7 +2,10 @@
 
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
 from ithaca.parallel.ring import ring_attention
+from ithaca.parallel.sequence_layout import sequence_part
 from ithaca.parallel.ulysses import ulysses_attention
+from ithaca.parallel.usp import usp_attention
 from ithaca.parallel.zigzag import zigzag_merge, zigzag_split
 
-__all__ = ["ParallelMesh", "build_mesh", "ring_attention", "ulysses_attention", "zigzag_merge", "zigzag_split"]
+__all__ = ["ParallelMesh", "build_mesh", "ring_attention", "sequence_part", "ulysses_attention", "usp_attention",
+           "zigzag_merge", "zigzag_split"]

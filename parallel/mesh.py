@@ -7,6 +7,10 @@ Rank order matches megatron-core's default "tp-cp-ep-dp-pp" (tp fastest, then sp
 Example, dp=2 sp=2 tp=2 (8 ranks): tp groups {0,1} {2,3} ...; sp groups {0,2} {1,3} {4,6} {5,7};
 dp groups {0,4} {1,5} {2,6} {3,7}. Tensor-parallel peers are neighbours (fastest links), then
 sequence-parallel peers.
+
+The sp axis is itself ring x ulysses (ulysses faster): sp_rank = ring_rank * ulysses + ulysses_rank,
+so a Ulysses all-to-all stays among close ranks and the ring crosses groups (2D sequence
+parallelism). Plain Ulysses is ring=1; plain ring attention is ulysses=1.
 """
 
 from __future__ import annotations
@@ -16,36 +20,47 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-AXES = ("pp", "dp", "sp", "tp")  # slowest to fastest
+AXES = ("pp", "dp", "ring", "ulysses", "tp")  # slowest to fastest; "sp" and "dp_sp" are flattened
 
 
 @dataclass(frozen=True)
 class ParallelMesh:
-    """Named axes over a torch DeviceMesh, plus the dp x sp group that reduces gradients and losses."""
+    """Named axes over a torch DeviceMesh: "dp", "pp", "tp", "sp" (= "ring" x "ulysses") and "dp_sp"."""
 
     device_mesh: DeviceMesh
     dp: int
     pp: int
     tp: int
     sp: int
+    ring: int
+
+    @property
+    def ulysses(self) -> int:
+        return self.sp // self.ring
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        """The process group along one axis: "dp", "pp", "tp", "sp" or "dp_sp"."""
+        """The process group along one axis: "dp", "pp", "tp", "sp", "ring", "ulysses" or "dp_sp"."""
         return self.device_mesh.get_group(axis)
 
     def rank(self, axis: str) -> int:
-        return self.device_mesh.get_local_rank(axis)
+        return dist.get_rank(self.group(axis))
 
     def ranks(self, axis: str) -> list[int]:
         """Global ranks of this rank's group along `axis`, in group order."""
         return dist.get_process_group_ranks(self.group(axis))
 
 
-def build_mesh(*, dp: int, pp: int, tp: int, sp: int, device_type: str) -> ParallelMesh:
-    """Build every group of the layout; needs an initialized default process group of dp*pp*tp*sp ranks."""
+def build_mesh(*, dp: int, pp: int, tp: int, sp: int, device_type: str, ring: int = 1) -> ParallelMesh:
+    """Build every group of the layout; needs an initialized default process group of dp*pp*tp*sp ranks.
+
+    `ring` is how many of the sp ranks form the attention ring (it must divide sp).
+    """
     world = dist.get_world_size()
     if dp * pp * tp * sp != world:
         raise ValueError(f"build_mesh: dp*pp*tp*sp={dp * pp * tp * sp} must equal the world size {world}")
-    mesh = init_device_mesh(device_type, (pp, dp, sp, tp), mesh_dim_names=AXES)
-    mesh["dp", "sp"]._flatten("dp_sp")
-    return ParallelMesh(device_mesh=mesh, dp=dp, pp=pp, tp=tp, sp=sp)
+    if sp % ring:
+        raise ValueError(f"build_mesh: ring={ring} must divide sp={sp}")
+    mesh = init_device_mesh(device_type, (pp, dp, ring, sp // ring, tp), mesh_dim_names=AXES)
+    mesh["ring", "ulysses"]._flatten("sp")
+    mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
+    return ParallelMesh(device_mesh=mesh, dp=dp, pp=pp, tp=tp, sp=sp, ring=ring)

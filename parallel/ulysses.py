@@ -29,12 +29,19 @@ def _use_torch_process_groups() -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
-def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def repeat_kv_heads(x: torch.Tensor, repeat: int) -> torch.Tensor:
+    """[b, s, h_kv, d] -> [b, s, h_kv * repeat, d]; copies of kv head j are adjacent, so after the
+    head scatter they land on the ranks whose query heads read kv head j."""
+    return x.repeat_interleave(repeat, dim=_HEAD_DIM) if repeat > 1 else x
+
+
+def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, s, h, d] (a sequence slice, all heads) -> [b, s*P, h/P, d] (whole sequence, a head slice)."""
+    _use_torch_process_groups()
     return _SeqAllToAll.apply(group, x.contiguous(), _HEAD_DIM, _SEQ_DIM, _BATCH_DIM)
 
 
-def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """The inverse: [b, s*P, h/P, d] -> [b, s, h, d]."""
     return _SeqAllToAll.apply(group, x.contiguous(), _SEQ_DIM, _HEAD_DIM, _BATCH_DIM)
 
@@ -72,9 +79,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
     if sp == 1:
         return attention(q, k, v, is_causal=causal)
-    _use_torch_process_groups()
-    if repeat > 1:  # repeat_interleave keeps kv head j's copies on the ranks whose q heads read it
-        k, v = k.repeat_interleave(repeat, dim=_HEAD_DIM), v.repeat_interleave(repeat, dim=_HEAD_DIM)
-    out = attention(_seq_to_heads(q, group), _seq_to_heads(k, group), _seq_to_heads(v, group),
+    k, v = repeat_kv_heads(k, repeat), repeat_kv_heads(v, repeat)
+    out = attention(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group),
                     is_causal=causal)
-    return _heads_to_seq(out, group)
+    return heads_to_seq(out, group)

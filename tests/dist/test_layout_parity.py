@@ -1,8 +1,9 @@
 """The debug model trained 10 steps gives the same loss curve under every layout.
 
 Same seed and same global batches in every layout; weights are drawn whole and then split, so
-1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function. With 4 heads
-and 2 kv heads, tp2 x sp2 leaves one kv head per tp rank and repeats it over the sp ranks.
+1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function, and so do
+ring attention (zigzag layout) and USP (2 Ulysses x 2 ring). With 4 heads and 2 kv heads,
+tp2 x sp2 leaves one kv head per tp rank and repeats it over the sp ranks.
 ZeRO stages 2 and 3 and tied embeddings ride along on some layouts.
 """
 
@@ -25,6 +26,9 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     "dp2xsp2-zero2": (2, 1, 2, ("train.zero_stage=2",)),
     "dp2-zero3": (2, 1, 1, ("train.zero_stage=3",)),
     "tp2xsp2-tied": (1, 2, 2, ("model.tie_embeddings=true",)),
+    "sp2-ring": (1, 1, 2, ("parallel.sp_method=ring",)),
+    "sp4-usp": (1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
+    "dp2xsp2-ring": (2, 1, 2, ("parallel.sp_method=ring",)),
 }
 MODEL_KEYS = ("model.",)  # overrides that change the function, so need their own single-process run
 

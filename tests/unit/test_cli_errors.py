@@ -18,11 +18,11 @@ def train(capsys, tmp_path, *extra: str) -> tuple[int, str]:
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.stpes=3"], "train.stpes=3: unknown key; did you mean 'steps'?"),
     (["--nproc", "3"], "dp*tp*pp*sp=2 must equal the world size 3"),
-    (["--set", "parallel.tp=3"], "n_heads=4 must be divisible by tp*sp=3"),
+    (["--set", "parallel.tp=3"], "n_heads=4 must be divisible by tp*ulysses=3"),
     (["--set", "parallel.sp=2", "--set", "parallel.dp=1", "--set", "data.seq_len=127"],
-     "data.seq_len=127: must be divisible by sp=2"),
+     "data.seq_len=127: must be divisible by 2 (sp=2, sp_method=ulysses)"),
     (["--set", "model.n_heads=6", "--set", "model.n_kv_heads=3", "--set", "model.dim=96",
-      "--set", "parallel.sp=2", "--set", "parallel.dp=1"], "Ulysses splits n_kv_heads/tp=3"),
+      "--set", "parallel.sp=2", "--set", "parallel.dp=1"], "Ulysses splits n_kv_heads/tp=3 kv heads over 2 ranks"),
 ])
 def test_config_errors_exit_2_with_one_line(capsys, tmp_path, debug_shards, extra, message):
     code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", *extra)

@@ -27,7 +27,7 @@ def test_shipped_debug_config_loads_with_overrides():
     ("optim.lr=-1.0", "optim.lr", "> 0"),
     ("parallel.sp=0", "parallel.sp", ">= 1"),
     ("parallel.pp=2", "parallel.pp", "not built yet"),
-    ("parallel.tp=3", "parallel", "n_heads=4 must be divisible by tp\\*sp=3"),
+    ("parallel.tp=3", "parallel", "n_heads=4 must be divisible by tp\\*ulysses=3"),
     ("parallel.tp=4", "parallel.tp", "n_kv_heads=2 must be divisible by tp"),
     ("data.seq_len=1", "data.seq_len", "at least 2"),
     ("train.global_batch=3", "train.global_batch", "multiple of micro_batch\\*dp=4"),
@@ -41,13 +41,36 @@ def test_bad_values_name_their_field_and_fix(override, field, fix):
 
 
 def test_sequence_length_must_split_over_sp():
-    with pytest.raises(ConfigError, match=r"^data.seq_len=127: must be divisible by sp=2"):
+    with pytest.raises(ConfigError, match=r"^data.seq_len=127: must be divisible by 2 \(sp=2, sp_method=ulysses\)"):
         load("parallel.sp=2", "parallel.dp=1", "data.seq_len=127")
 
 
 def test_kv_heads_that_can_be_neither_split_nor_repeated_over_sp():
-    with pytest.raises(ConfigError, match=r"^parallel.sp=2: Ulysses splits n_kv_heads/tp=3"):
+    with pytest.raises(ConfigError, match=r"^parallel.sp=2: Ulysses splits n_kv_heads/tp=3 kv heads over 2 ranks"):
         load("model.n_heads=6", "model.n_kv_heads=3", "model.dim=96", "parallel.sp=2", "parallel.dp=1")
+
+
+@pytest.mark.parametrize("overrides, field, fix", [
+    (("parallel.sp_method=usp", "parallel.sp=4", "parallel.dp=1"), "parallel.ulysses_degree", "dividing sp=4"),
+    (("parallel.sp_method=usp", "parallel.sp=4", "parallel.dp=1", "parallel.ulysses_degree=3"),
+     "parallel.ulysses_degree", "ulysses_degree x ring degree = sp"),
+    (("parallel.sp=2", "parallel.dp=1", "parallel.ulysses_degree=2"), "parallel.ulysses_degree",
+     "only used with sp_method: usp"),
+    (("parallel.sp_method=ring", "parallel.sp=2", "parallel.dp=1", "data.seq_len=126"), "data.seq_len",
+     "divisible by 4 \\(sp=2, sp_method=ring\\)"),
+    (("parallel.sp_method=usp", "parallel.sp=8", "parallel.dp=1", "parallel.ulysses_degree=8"), "parallel",
+     "n_heads=4 must be divisible by tp\\*ulysses=8"),
+])
+def test_sequence_parallel_method_checks(overrides, field, fix):
+    with pytest.raises(ConfigError, match=rf"^{field}=.*{fix}"):
+        load(*overrides)
+
+
+def test_ring_lifts_the_head_limit_and_usp_splits_sp():
+    ring = load("parallel.sp_method=ring", "parallel.sp=8", "parallel.dp=1")  # 4 heads, sp 8: fine for a ring
+    assert (ring.parallel.ring, ring.parallel.ulysses) == (8, 1)
+    usp = load("parallel.sp_method=usp", "parallel.sp=4", "parallel.dp=1", "parallel.ulysses_degree=2")
+    assert (usp.parallel.ring, usp.parallel.ulysses) == (2, 2)
 
 
 def test_zero3_is_refused_with_sequence_parallelism():
