@@ -70,6 +70,9 @@ class DataConfig:
     """Folder of shards written by `ithaca prep` (holds manifest.json)."""
     seq_len: int = 128
     """Tokens per training sequence; documents are packed end to end with EOS between them."""
+    document_mask: bool = True
+    """Attention stays inside each packed document and positions restart at each; false treats
+    the whole window as one sequence."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

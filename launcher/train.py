@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from ithaca.data.loader import LoaderState, PackedLoader
+from ithaca.data.packing import document_ids, document_positions
 from ithaca.data.shards import read_manifest
 from ithaca.kernels.attention import attention
 from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -58,30 +59,38 @@ def make_attend(mesh: ParallelMesh) -> Attend:
     return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True)
 
 
-def sequence_slice(window: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, ...]:
-    """A window [b, L+1] -> this sp rank's (tokens, labels, positions), each [b, L/sp], in the layout
-    its attention expects (parallel/sequence_layout.py).
+def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None) -> list[torch.Tensor | None]:
+    """A window [b, L+1] -> this sp rank's [tokens, labels, positions, doc_ids], each [b, L/sp], in the
+    layout its attention expects (parallel/sequence_layout.py).
 
     Labels are shifted on the whole window before the split, so the label at each part's edge is kept.
+    With `eos_id`, documents are found on the whole window too: doc_ids mark them and positions
+    restart at each; without it, doc_ids is None and positions run 0..L-1.
     """
     tokens, labels = window[:, :-1], window[:, 1:]
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    return tuple(sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
-                 for t in (tokens, labels, positions))
+    if eos_id is None:
+        doc_ids, positions = None, torch.arange(tokens.shape[1]).expand_as(tokens)
+    else:
+        doc_ids = document_ids(tokens, eos_id)
+        positions = document_positions(doc_ids)
+    return [None if t is None else sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
+            for t in (tokens, labels, positions, doc_ids)]
 
 
-def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh,
-               device: torch.device) -> tuple[float, int]:
-    """Forward/backward every micro-batch and step; returns (global mean token loss, global token count)."""
-    slices = [[t.to(device) for t in sequence_slice(w, mesh)] for w in micro_batches]
+def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, device: torch.device,
+               eos_id: int | None) -> tuple[float, int]:
+    """Forward/backward every micro-batch and step; returns (global mean token loss, global token count).
+
+    `eos_id` turns on document masking (see sequence_slice)."""
+    slices = [[None if t is None else t.to(device) for t in sequence_slice(w, mesh, eos_id)] for w in micro_batches]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, real-token count]
-    sums[1] = sum(int((labels >= 0).sum()) for _, labels, _ in slices)
+    sums[1] = sum(int((labels >= 0).sum()) for _, labels, _, _ in slices)
     dist.all_reduce(sums[1:], group=mesh.group("dp_sp"))
     global_tokens = sums[1].item()
     # DeepSpeed divides gradients by dp (after summing over dp x sp) and by the micro-batch count.
     scale = mesh.dp * len(slices) / global_tokens
-    for tokens, labels, positions in slices:
-        loss_sum = token_losses(engine(tokens, positions), labels).sum()
+    for tokens, labels, positions, doc_ids in slices:
+        loss_sum = token_losses(engine(tokens, positions, doc_ids), labels).sum()
         engine.backward(loss_sum * scale)
         engine.step()
         sums[0] += loss_sum.detach().double()
@@ -112,16 +121,18 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         client = load_checkpoint(engine, path)
         step, state, run_id = client["step"], LoaderState(**client["loader"]), client["mlflow_run_id"]
         log.info(f"resumed from {path} at step={step}")
+    eos_id = read_manifest(cfg.data.path).tokenizer["eos_id"]
     loader = PackedLoader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch,
                           micro_batch=cfg.train.micro_batch, dp=mesh.dp, dp_rank=mesh.rank("dp"),
-                          eos_id=read_manifest(cfg.data.path).tokenizer["eos_id"], state=state)
+                          eos_id=eos_id, state=state)
+    mask_eos = eos_id if cfg.data.document_mask else None
     tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
     records, ok = [], False
     try:
         while step < cfg.train.steps:
             step += 1
             start = time.perf_counter()
-            loss, tokens = train_step(engine, loader.next_step(), mesh, ctx.device)
+            loss, tokens = train_step(engine, loader.next_step(), mesh, ctx.device, mask_eos)
             seconds = time.perf_counter() - start
             record = StepRecord(step=step, loss=loss, lr=engine.get_lr()[0],
                                 grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens=tokens,

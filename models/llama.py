@@ -26,8 +26,9 @@ from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.norm import RMSNorm
 from ithaca.models.rope import apply_rope, rope_angles
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(q [b, s, h, d], k [b, s, h_kv, d], v [b, s, h_kv, d]) -> [b, s, h, d], causal."""
+Attend = Callable[..., torch.Tensor]
+"""attend(q [b, s, h, d], k [b, s, h_kv, d], v [b, s, h_kv, d], doc_ids=[b, s] or None) -> [b, s, h, d],
+causal and, given doc_ids, inside each packed document."""
 
 
 def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -50,13 +51,14 @@ class Attention(nn.Module):
             args.n_heads * args.head_dim, args.dim, config=mp, bias=False, input_is_parallel=True,
             skip_bias_add=False, init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(b, s, self.local_kv_heads, self.group_size + 2, self.head_dim)
         q = qkv[:, :, :, : self.group_size].reshape(b, s, -1, self.head_dim)  # [b, s, h/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, h_kv/tp, d]
-        o = self.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        o = self.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, doc_ids=doc_ids)
         out, _ = self.out(o.reshape(b, s, -1))
         return out
 
@@ -87,13 +89,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn = FeedForward(args, mp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """tokens [b, s] and their positions [b, s] -> vocab-parallel logits [b, s, vocab/tp]."""
+    """tokens [b, s], their positions [b, s] and, for packed documents, document ids [b, s]
+    -> vocab-parallel logits [b, s, vocab/tp]."""
 
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend):
         super().__init__()
@@ -106,11 +110,12 @@ class Llama(nn.Module):
             args.dim, args.vocab_size, config=mp, init_method=_normal(args.init_std), bias=False,
             gather_output=False, skip_weight_param_allocation=args.tie_embeddings)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)  # [b, s, dim]
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, doc_ids)
         weight = self.embed.weight if self.args.tie_embeddings else None
         logits, _ = self.head(self.norm(x), weight=weight)
         return logits

@@ -8,7 +8,9 @@ holds chunks r and 2P-1-r of 2P), which makes the causal mask reduce to three bl
     keys from rank j < r       both query chunks x the keys' first chunk, full
     keys from rank j > r       the queries' second chunk x both key chunks, full
 
-so every rank does the same work each step and no block is entirely masked. Backward passes the
+so every rank does the same work each step and no block is entirely masked. With packed documents
+(`doc_ids`), each block also masks query/key pairs from different documents; the ids travel with
+their key/value block. Backward passes the
 key/value blocks around again, with dK/dV accumulators that travel with the block they belong to
 and arrive home after P hops. Only this rank's q, k, v, output and log-sum-exp are saved; no rank
 ever holds the whole sequence's keys.
@@ -50,25 +52,33 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, out_b: torch.Tenso
     lse[:, :, rows] = merged
 
 
+def _allowed(doc_ids: torch.Tensor | None, kv_doc_ids: torch.Tensor | None, rows: slice,
+             cols: slice) -> torch.Tensor | None:
+    """[b, rows, cols] True where query and key are in the same document (None: no documents)."""
+    if doc_ids is None:
+        return None
+    return doc_ids[:, rows, None] == kv_doc_ids[:, None, cols]
+
+
 class _RingAttention(torch.autograd.Function):
-    """forward:  P-1 ring exchanges of (k, v), each overlapped with one block's attention.
-    backward: P-1 ring exchanges of (k, v) and P of the (dk, dv) accumulators.
+    """forward:  P-1 ring exchanges of (k, v[, doc_ids]), each overlapped with one block's attention.
+    backward: P-1 ring exchanges of (k, v[, doc_ids]) and P of the (dk, dv) accumulators.
     Each exchange sends this rank's k and v (2 * b * s * h_kv * d elements) to the next rank.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                is_causal: bool, scale: float) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                group: dist.ProcessGroup, is_causal: bool, scale: float) -> torch.Tensor:
         comm = RingComm(group)
         half = q.shape[1] // 2
         out = lse = None
-        kv = [k, v]
+        kv = [k, v] if doc_ids is None else [k, v, doc_ids]
         for step in range(comm.world):
             last = step == comm.world - 1
             incoming = None if last else comm.exchange(kv)  # next block flies while this one computes
             rows, cols, causal = _block(step, comm.rank, comm.world, is_causal, half)
             out_b, lse_b = attention_lse_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], is_causal=causal,
-                                             scale=scale)
+                                             scale=scale, allowed=_allowed(doc_ids, kv[-1], rows, cols))
             if out is None:  # step 0 always covers every query row
                 out, lse = out_b.float(), lse_b
             else:
@@ -77,17 +87,17 @@ class _RingAttention(torch.autograd.Function):
                 comm.wait()  # guards `incoming`
                 kv = incoming
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.group, ctx.is_causal, ctx.scale = group, is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
         kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
         world, rank, half = kv_comm.world, kv_comm.rank, q.shape[1] // 2
         dq = torch.zeros_like(q, dtype=torch.float32)
-        kv = [k, v]
+        kv = [k, v] if doc_ids is None else [k, v, doc_ids]
         dkv = [torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
         incoming_dkv = None
         for step in range(world):
@@ -95,7 +105,8 @@ class _RingAttention(torch.autograd.Function):
             incoming_kv = None if last else kv_comm.exchange(kv)
             rows, cols, causal = _block(step, rank, world, ctx.is_causal, half)
             dq_b, dk_b, dv_b = attention_lse_bwd(dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
-                                                 out[:, rows], lse[:, :, rows], is_causal=causal, scale=ctx.scale)
+                                                 out[:, rows], lse[:, :, rows], is_causal=causal, scale=ctx.scale,
+                                                 allowed=_allowed(doc_ids, kv[-1], rows, cols))
             dq[:, rows] += dq_b
             if incoming_dkv is not None:
                 grad_comm.wait()  # guards incoming_dkv: the accumulator of the block we now hold
@@ -110,16 +121,18 @@ class _RingAttention(torch.autograd.Function):
         if incoming_dkv is not None:
             grad_comm.wait()
             dkv = incoming_dkv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
-                   causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                   causal: bool = True, scale: float | None = None,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over a sequence split across `group`, keys and values passed around a ring.
 
     q [b, s, h, d], k and v [b, s, h_kv, d] (h a multiple of h_kv; only kv heads travel): this
     rank's part of the sequence in zigzag order (`zigzag_split`). Returns this rank's [b, s, h, d]
-    part of the output, in the same order. `scale` defaults to d^-0.5.
+    part of the output, in the same order. `scale` defaults to d^-0.5. `doc_ids` [b, s] (int, this
+    rank's part, same layout) marks packed documents: no query reads another document's keys.
     Communication per call, per rank: forward sends (P-1) * 2*b*s*h_kv*d elements, backward about
     twice that (blocks and their gradient accumulators).
     Raises ValueError on inconsistent shapes, or (causal) a local length that is not even.
@@ -132,8 +145,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     if causal and q.shape[1] % 2:
         raise ValueError(f"ring_attention: causal zigzag needs an even local length (two chunks); got {q.shape[1]}; "
                          "split a sequence divisible by 2*P with zigzag_split")
+    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
+        raise ValueError(f"ring_attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     _check_same_shapes(k, group)
-    return _RingAttention.apply(q, k, v, group, causal, q.shape[-1] ** -0.5 if scale is None else scale)
+    return _RingAttention.apply(q, k, v, doc_ids, group, causal, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 _checked: set[tuple] = set()

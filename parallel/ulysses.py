@@ -46,6 +46,16 @@ def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _SeqAllToAll.apply(group, x.contiguous(), _SEQ_DIM, _HEAD_DIM, _BATCH_DIM)
 
 
+def gather_doc_ids(doc_ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[b, s] document ids of this rank's slice -> [b, s*P] for the group's whole (contiguous) sequence.
+
+    Integers, no gradient: one all-gather of b*s ids, small beside the q/k/v exchange.
+    """
+    parts = [torch.empty_like(doc_ids) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, doc_ids.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
 def kv_repeat_factor(n_heads: int, n_kv_heads: int, sp: int) -> int:
     """How many times each kv head is repeated so that sp divides the kv heads.
 
@@ -62,24 +72,28 @@ def kv_repeat_factor(n_heads: int, n_kv_heads: int, sp: int) -> int:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
-                      causal: bool = True) -> torch.Tensor:
+                      causal: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over a sequence split contiguously across `group`.
 
     q [b, s, h, d], k and v [b, s, h_kv, d]: this rank's slice of the sequence (rank r holds
     positions [r*s, (r+1)*s)). Returns this rank's [b, s, h, d] slice of the output.
     Communication: two all-to-alls in forward (q, k, v in; output back) and two in backward;
     each rank sends about (2h + 2h_kv') * b * s * d * (P-1)/P elements per direction, where
-    h_kv' = max(h_kv, P). Raises ValueError if h is not divisible by P or kv heads can be
-    neither split nor repeated over P.
+    h_kv' = max(h_kv, P). `doc_ids` [b, s] (int, this rank's slice) marks packed documents: no
+    query reads another document's keys. Raises ValueError if h is not divisible by P or kv
+    heads can be neither split nor repeated over P.
     """
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"ulysses_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     sp = dist.get_world_size(group)
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
+    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
+        raise ValueError(f"ulysses_attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     if sp == 1:
-        return attention(q, k, v, is_causal=causal)
+        return attention(q, k, v, is_causal=causal, doc_ids=doc_ids)
     k, v = repeat_kv_heads(k, repeat), repeat_kv_heads(v, repeat)
+    whole_doc_ids = None if doc_ids is None else gather_doc_ids(doc_ids, group)
     out = attention(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group),
-                    is_causal=causal)
+                    is_causal=causal, doc_ids=whole_doc_ids)
     return heads_to_seq(out, group)

@@ -16,12 +16,20 @@ from harness import run_ranks
 # fp32: the merge reorders the softmax sums (~1e-7 seen); 2e-5 leaves room and still fails on a
 # wrongly masked or dropped block (errors of order 1e-1).
 TOL = dict(rtol=2e-5, atol=2e-5)
-CASES = [  # (heads, kv_heads, head_dim, causal)
-    (4, 4, 64, True), (4, 4, 64, False), (4, 2, 128, True), (4, 1, 64, True), (2, 1, 128, False),
+CASES = [  # (heads, kv_heads, head_dim, causal, packed documents)
+    (4, 4, 64, True, False), (4, 4, 64, False, False), (4, 2, 128, True, False), (4, 1, 64, True, False),
+    (2, 1, 128, False, False), (4, 2, 64, True, True), (2, 2, 128, False, True),
 ]
 
 
-def _twin(heads: int, kv_heads: int, head_dim: int, causal: bool, seed: int):
+def random_doc_ids(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """[b, n] ids of packed documents of random lengths (about 7 tokens), crossing chunk edges."""
+    starts = torch.rand(b, n, generator=gen) < 0.15
+    starts[:, 0] = True
+    return starts.long().cumsum(1) - 1
+
+
+def _twin(heads: int, kv_heads: int, head_dim: int, causal: bool, packed: bool, seed: int):
     from ithaca.kernels.attention import attention_reference
     from ithaca.parallel import ring_attention, zigzag_split
 
@@ -32,16 +40,17 @@ def _twin(heads: int, kv_heads: int, head_dim: int, causal: bool, seed: int):
     k = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
     v = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
     cotangent = torch.randn(b, n, heads, head_dim, generator=gen)
-    full = attention_reference(q, k, v, is_causal=causal)
+    doc_ids = random_doc_ids(b, n, gen) if packed else None
+    full = attention_reference(q, k, v, is_causal=causal, doc_ids=doc_ids)
     full.backward(cotangent)
 
     def mine(t):
         return zigzag_split(t.detach(), rank, world)
 
     ql, kl, vl = (mine(t).requires_grad_() for t in (q, k, v))
-    out = ring_attention(ql, kl, vl, group, causal=causal)
+    out = ring_attention(ql, kl, vl, group, causal=causal, doc_ids=None if doc_ids is None else mine(doc_ids))
     out.backward(mine(cotangent))
-    where = f"heads={heads} kv={kv_heads} d={head_dim} causal={causal} rank={rank}/{world}"
+    where = f"heads={heads} kv={kv_heads} d={head_dim} causal={causal} packed={packed} rank={rank}/{world}"
     torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
     for name, local, ref in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
         torch.testing.assert_close(local.grad, mine(ref.grad), **TOL, msg=lambda m: f"{name} {where}: {m}")

@@ -44,9 +44,24 @@ def test_forward_lse_and_backward_match_autograd(impl, heads, kv_heads, head_dim
         torch.testing.assert_close(got.cpu(), leaf.grad, **tol, msg=lambda m: f"{name}: {m}")
 
 
+def test_masked_block_with_an_empty_row_gives_zero_and_minus_infinity():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=gen) for _ in range(3))
+    allowed = torch.ones(1, 4, 4, dtype=torch.bool)
+    allowed[0, 2] = False  # query 2 reads nothing in this block
+    out, lse = attention_lse_fwd(q, k, v, is_causal=False, scale=0.3, allowed=allowed)
+    assert torch.all(out[0, 2] == 0) and torch.all(lse[0, :, 2] == float("-inf"))
+    unmasked, _ = attention_lse_fwd(q, k, v, is_causal=False, scale=0.3, impl="reference")
+    torch.testing.assert_close(out[:, [0, 1, 3]], unmasked[:, [0, 1, 3]])  # the other rows are untouched
+    dq, dk, dv = attention_lse_bwd(torch.ones_like(out), q, k, v, out, lse, is_causal=False, scale=0.3, allowed=allowed)
+    assert torch.all(dq[0, 2] == 0) and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
 def test_bad_inputs():
     q = torch.randn(1, 4, 4, 8)
     with pytest.raises(ValueError, match="causal needs as many queries as keys"):
         attention_lse_fwd(q, q[:, :3], q[:, :3], is_causal=True, scale=1.0)
     with pytest.raises(ValueError, match="impl='fast'"):
         attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="fast")
+    with pytest.raises(ValueError, match="impl='cpu' takes no mask"):
+        attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="cpu", allowed=torch.ones(1, 4, 4, dtype=torch.bool))

@@ -1,0 +1,131 @@
+"""Ring vs Ulysses vs USP: one attention layer's forward+backward per rank, time and bytes sent.
+
+What it measures: for each (N, P), every method runs the same [1, N, h, d] causal attention split
+over P ranks (Ulysses contiguous, ring zigzag, USP both), after a warm-up, the methods
+interleaved over repeats; it prints the median time, the ratio to Ulysses, and the bytes this
+rank sent (counted at torch.distributed) beside the formula for them:
+
+    Ulysses  2 passes x (2h + 2h_kv') * b*(N/P)*d * (P-1)/P elements      (h_kv' = max(h_kv, P))
+    ring     forward (P-1) * 2*b*(N/P)*h_kv*d; backward the same again plus P * 2*b*(N/P)*h_kv*d
+             fp32 gradient accumulators
+    USP      Ulysses over U ranks on the local part, then the ring over R = P/U groups on
+             [b, N/R, h/U, d]
+
+Run:  python -m bench.sp_attention --device cpu            (gloo processes on this machine)
+      python -m bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
+
+
+def _bytes_formula(method: str, n: int, world: int, ring: int, elem: int) -> int:
+    s = n // world
+    if method == "ulysses":
+        kv = max(KV_HEADS, world)
+        return 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (world - 1) // world * elem
+    ulysses = world // ring
+    ulysses_bytes = 0
+    if ulysses > 1:
+        kv = max(KV_HEADS, ulysses)
+        ulysses_bytes = 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (ulysses - 1) // ulysses * elem
+    block = 2 * s * ulysses * (max(KV_HEADS, ulysses) // ulysses) * HEAD_DIM  # k and v of one ring block
+    return ulysses_bytes + 2 * (ring - 1) * block * elem + ring * block * 4
+
+
+def _methods(world: int) -> dict[str, int]:
+    """method -> ring size."""
+    methods = {"ulysses": 1, "ring": world}
+    if world >= 4:
+        methods["usp"] = 2
+    return methods
+
+
+def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], repeats: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR=device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    from bench.comm_counter import count_bytes_sent
+    from ithaca.parallel import build_mesh, sequence_part, ulysses_attention, usp_attention
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    meshes = {ring: build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type=device)
+              for ring in set(_methods(world).values())}
+    rows = []
+    for n in lengths:
+        gen = torch.Generator().manual_seed(0)
+        full = [torch.randn(1, n, h, HEAD_DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS)]
+        times: dict[str, list[float]] = {m: [] for m in _methods(world)}
+        sent: dict[str, int] = {}
+        for repeat in range(repeats + 1):  # repeat 0 warms up
+            for method, ring in _methods(world).items():
+                mesh = meshes[ring]
+                q, k, v, dout = (sequence_part(t, sp_rank=mesh.rank("sp"), sp=world, ring=ring).to(device, dtype)
+                                 for t in full)
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+                dist.barrier()
+                start = time.perf_counter()
+                with count_bytes_sent() as counter:
+                    if ring == 1:
+                        out = ulysses_attention(q, k, v, mesh.group("sp"))
+                    else:
+                        out = usp_attention(q, k, v, mesh.group("ulysses"), mesh.group("ring"))
+                    out.backward(dout)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if repeat:
+                    times[method].append(time.perf_counter() - start)
+                    sent[method] = counter.bytes_sent
+        base = statistics.median(times["ulysses"])
+        for method, ring in _methods(world).items():
+            t = statistics.median(times[method])
+            formula = _bytes_formula(method, n, world, ring, torch.tensor([], dtype=dtype).element_size())
+            rows.append(f"| {n} | {world} | {method} | {t * 1e3:.1f} | {t / base:.2f} | {sent[method]} | "
+                        f"{formula} | {sent[method] / formula:.3f} |")
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write("\n".join(rows) + "\n")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="sequence-parallel sizes P")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="sequence lengths N")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    import deepspeed
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), gloo"
+    print(f"# sp_attention: device={device_name} torch={torch.__version__} deepspeed={deepspeed.__version__} "
+          f"commit={commit} heads={HEADS} kv_heads={KV_HEADS} head_dim={HEAD_DIM} batch=1 causal")
+    print("| N | P | method | fwd+bwd ms (median) | ratio_vs_ulysses | bytes sent/rank | formula | measured/formula |")
+    print("|---|---|---|---|---|---|---|---|")
+    for world in args.world:
+        out = f"/tmp/bench_sp_attention_{os.getpid()}_{world}.md"
+        port = 29500 + (os.getpid() % 1000)
+        mp.start_processes(_worker, args=(world, port, args.device, args.lengths, args.repeats, out), nprocs=world,
+                           start_method="spawn")
+        with open(out) as f:
+            print(f.read(), end="")
+        os.remove(out)
+
+
+if __name__ == "__main__":
+    main()
