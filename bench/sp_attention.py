@@ -52,7 +52,7 @@ def _methods(world: int) -> dict[str, int]:
     return methods
 
 
-def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], repeats: int, table: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR=device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device == "cuda" else "gloo"
@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
             rows.append(f"| {n} | {world} | {method} | {t * 1e3:.1f} | {t / base:.2f} | {sent[method]} | "
                         f"{formula} | {sent[method] / formula:.3f} |")
     if rank == 0:
-        with open(out, "w") as f:
+        with open(table, "w") as f:
             f.write("\n".join(rows) + "\n")
     dist.destroy_process_group()
 

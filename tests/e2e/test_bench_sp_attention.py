@@ -1,0 +1,18 @@
+"""The sequence-parallel benchmark runs at toy size and its byte counts match its formulas (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bytes_sent_match_the_formulas():
+    done = subprocess.run([sys.executable, "-m", "bench.sp_attention", "--device", "cpu", "--world", "2", "4",
+                           "--lengths", "64", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 64 ")]
+    assert [r[3].strip() for r in rows] == ["ulysses", "ring", "ulysses", "ring", "usp"]
+    assert all(r[8].strip() == "1.000" for r in rows), done.stdout
