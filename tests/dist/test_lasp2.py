@@ -1,0 +1,105 @@
+"""LASP-2 over gloo equals the single-process recurrence, forward and backward, for every decay kind.
+
+Twin pattern: every rank draws the full inputs from one seed, runs the token-by-token recurrence
+on the whole sequence, then lasp2_attention on its contiguous chunk, and compares its chunk of
+the output and of every gradient (q, k, v and the gates).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_ranks
+
+H, DK, DV = 2, 8, 6
+# fp32; unnormalised linear attention sums O(s) terms of size ~1, and the chunked/prefix forms
+# reorder those sums: 1e-4 covers that and still fails on a missing or double-counted state.
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _twin(kind: str, chunk: int, with_resets: bool, seed: int) -> None:
+    from ithaca.kernels.linear_attention import linear_attention_recurrent
+    from ithaca.parallel import lasp2_attention
+
+    rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    gen = torch.Generator().manual_seed(seed)
+    b, n = 2, chunk * world
+    q, k = (torch.randn(b, n, H, DK, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(b, n, H, DV, generator=gen).requires_grad_()
+    if kind == "plain":
+        log_decay = None
+    elif kind == "fixed":
+        log_decay = torch.log(1 - 2.0 ** (-3 - torch.arange(H, dtype=torch.float32)))
+    else:
+        log_decay = torch.nn.functional.logsigmoid(torch.randn(b, n, H, generator=gen) + 2).requires_grad_()
+    resets = (torch.rand(b, n, generator=gen) < 0.08) if with_resets else None
+    cotangent = torch.randn(b, n, H, DV, generator=gen)
+    full, _ = linear_attention_recurrent(q, k, v, log_decay, scale=DK ** -0.5, resets=resets)
+    full.backward(cotangent)
+
+    mine = slice(rank * chunk, (rank + 1) * chunk)
+    leaves = [t.detach()[:, mine].clone().requires_grad_() for t in (q, k, v)]
+    local_decay = None
+    if kind == "fixed":
+        local_decay = log_decay
+    elif kind == "gated":
+        local_decay = log_decay.detach()[:, mine].clone().requires_grad_()
+        leaves.append(local_decay)
+    out = lasp2_attention(*leaves[:3], group, log_decay=local_decay,
+                          resets=None if resets is None else resets[:, mine])
+    out.backward(cotangent[:, mine])
+    where = f"kind={kind} chunk={chunk} resets={with_resets} rank={rank}/{world}"
+    torch.testing.assert_close(out, full[:, mine], **TOL, msg=lambda m: f"out {where}: {m}")
+    refs = [q, k, v] + ([log_decay] if kind == "gated" else [])
+    for name, local, ref in zip(("dq", "dk", "dv", "dgate"), leaves, refs):
+        torch.testing.assert_close(local.grad, ref.grad[:, mine], **TOL, msg=lambda m: f"{name} {where}: {m}")
+
+
+def _all_cases() -> int:
+    cases = [(kind, chunk, resets) for kind in ("plain", "fixed", "gated") for chunk, resets in ((13, False), (70, True))]
+    for i, case in enumerate(cases):
+        _twin(*case, seed=i)
+    return len(cases)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lasp2_matches_the_recurrence(world):
+    assert run_ranks(_all_cases, world) == [6] * world
+
+
+def _elements_moved(n_per_rank: int) -> tuple[int, int]:
+    from bench.comm_counter import count_bytes_sent
+    from ithaca.parallel import lasp2_attention
+
+    q = torch.randn(1, n_per_rank, H, DK, requires_grad=True)
+    v = torch.randn(1, n_per_rank, H, DV, requires_grad=True)
+    with count_bytes_sent() as counter:
+        lasp2_attention(q, q, v, dist.group.WORLD).sum().backward()
+    return counter.elements_gathered, counter.elements_reduce_scattered
+
+
+def test_state_traffic_is_p_h_dk_dv_and_independent_of_length():
+    world = 2
+    expected = world * 1 * H * (DK * DV + 1)  # P * b * h * (d_k d_v + the carry)
+    for moved in run_ranks(_elements_moved, world, 16) + run_ranks(_elements_moved, world, 32):
+        assert moved == (expected, expected)
+
+
+def _bad_inputs() -> bool:
+    from ithaca.parallel import lasp2_attention
+
+    q = torch.randn(1, 4, 2, 8)
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match=r"log_decay must be \[h\]"):
+        lasp2_attention(q, q, q, group, log_decay=torch.zeros(3))
+    with pytest.raises(ValueError, match="want q = k"):
+        lasp2_attention(q, torch.randn(1, 4, 3, 8), q, group)
+    with pytest.raises(ValueError, match=r"resets must be \[b, s\]"):
+        lasp2_attention(q, q, q, group, resets=torch.zeros(1, 5, dtype=torch.bool))
+    return True
+
+
+def test_bad_inputs_get_clear_errors():
+    assert run_ranks(_bad_inputs, 2) == [True, True]
