@@ -11,6 +11,10 @@ the state entering its chunk,
 and add exp(g_i) (scale q_i) S_t to each token's output. Backward goes through the same
 operations; the all-gather's backward is one reduce-scatter of the state gradients. Per layer and
 direction that is P * b * h * (d_k*d_v + 1) elements, whatever the sequence length.
+
+The same works for any layout that gives each rank whole pieces of the sequence (`piece_order`):
+under ring attention's zigzag layout a rank holds two pieces, so it gathers two states and forms
+the prefix for each; hybrids keep one layout for their softmax and linear layers this way.
 """
 
 from __future__ import annotations
@@ -20,33 +24,35 @@ import torch.distributed as dist
 
 from ithaca.kernels.linear_attention import expand_log_decay, linear_attention_chunked, state_reach
 from ithaca.parallel.gather import gather_states
+from ithaca.parallel.sequence_layout import piece_order
 
 CHUNK = 64
 """Sub-chunk length for the local chunked computation (memory O(CHUNK^2) per head, not O(s^2))."""
 
 
-def _prefix_weights(carries: torch.Tensor, rank: int) -> torch.Tensor:
-    """[P, b, h] carries -> [P, b, h] weights w_j = prod_{j<m<rank} a_m for j < rank, else 0.
+def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
+    """[n, b, h] carries in sequence order -> [n, b, h] weights w_j = prod_{j<m<piece} a_m for j < piece, else 0.
 
-    Every rank, rank 0 too, uses all gathered states (some with weight 0): the all-gather's
+    Every rank, the first too, uses all gathered states (some with weight 0): the all-gather's
     backward is a collective, and a rank whose graph skipped it would leave the others waiting.
     """
     weights = torch.zeros_like(carries)
-    for j in range(rank):
-        weights[j] = carries[j + 1:rank].prod(dim=0)  # empty product (j = rank-1) is 1
+    for j in range(piece):
+        weights[j] = carries[j + 1:piece].prod(dim=0)  # empty product (j = piece-1) is 1
     return weights
 
 
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                     log_decay: torch.Tensor | None = None, scale: float | None = None,
-                    resets: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact linear attention with decay over a sequence split contiguously across `group`.
+                    resets: torch.Tensor | None = None, ring: int = 1) -> torch.Tensor:
+    """Exact linear attention with decay over a sequence split across `group`.
 
-    q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's chunk (rank t holds positions
-    [t*s, (t+1)*s)). `log_decay` (<= 0) is None (plain), [h] (fixed per-head decay) or
-    [b, s, h] (per-token gates, this rank's chunk); `scale` defaults to d_k^-0.5, applied to q;
-    `resets` [b, s] bool marks tokens that start a document. Returns o [b, s, h, d_v] in q's dtype.
-    Raises ValueError on shapes that do not fit.
+    q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t
+    holds positions [t*s, (t+1)*s)); with `ring` > 1, the layout of `sequence_part(..., ring=ring)`
+    (ring=P: ring attention's zigzag). `log_decay` (<= 0) is None (plain), [h] (fixed per-head
+    decay) or [b, s, h] (per-token gates, this rank's part); `scale` defaults to d_k^-0.5, applied
+    to q; `resets` [b, s] bool marks tokens that start a document. Returns o [b, s, h, d_v] in
+    q's dtype. Raises ValueError on shapes that do not fit.
     """
     b, s, h, d_k = q.shape if q.dim() == 4 else (None,) * 4
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -57,17 +63,36 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
                          f"got {tuple(log_decay.shape)}")
     if resets is not None and tuple(resets.shape) != (b, s):
         raise ValueError(f"lasp2_attention: resets must be [b, s]={(b, s)}; got {tuple(resets.shape)}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world % ring or (ring > 1 and s % 2):
+        raise ValueError(f"lasp2_attention: ring={ring} must divide the group size {world}, and a zigzag "
+                         f"part must split in two (local length {s})")
     scale = d_k ** -0.5 if scale is None else scale
     log_decay = expand_log_decay(log_decay, b, s, h, q.device)
-    out_local, memory = linear_attention_chunked(q, k, v, log_decay, scale=scale, chunk_size=CHUNK, resets=resets)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if world == 1:
-        return out_local
-    reach, carry, _ = state_reach(log_decay, resets)
-    # one all-gather carries both: the d_k x d_v states and their carries
-    packed = gather_states(torch.cat([memory.flatten(1), carry], dim=1), group)  # [P, b, h*d_k*d_v + h]
-    memories = packed[:, :, : memory[0].numel()].view(world, *memory.shape)
-    carries = packed[:, :, memory[0].numel():]
-    state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, rank), memories)
-    inter = torch.einsum("bshk,bhkv->bshv", scale * q.float() * reach[..., None], state)
-    return (out_local.float() + inter).to(q.dtype)
+    mine, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
+    size = s // len(mine)
+    outs, packs, reaches = [], [], []
+    for i in range(len(mine)):  # each piece alone, with no incoming state
+        part = slice(i * size, (i + 1) * size)
+        piece_resets = None if resets is None else resets[:, part]
+        out_local, memory = linear_attention_chunked(q[:, part], k[:, part], v[:, part], log_decay[:, part],
+                                                     scale=scale, chunk_size=CHUNK, resets=piece_resets)
+        reach, carry, _ = state_reach(log_decay[:, part], piece_resets)
+        outs.append(out_local.float())
+        packs.append(torch.cat([memory.flatten(1), carry], dim=1))  # [b, h*d_k*d_v + h]
+        reaches.append(reach)
+    if n_pieces == 1:
+        return outs[0].to(q.dtype)
+    # one all-gather carries every piece's d_k x d_v states and carries
+    gathered = gather_states(torch.stack(packs), group)  # [P, pieces per rank, b, h*d_k*d_v + h]
+    order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
+    position = {piece: (r, i) for r, pieces in enumerate(order) for i, piece in enumerate(pieces)}
+    in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, ...] sequence order
+    n_state = h * d_k * v.shape[-1]
+    memories = in_order[..., :n_state].reshape(n_pieces, b, h, d_k, v.shape[-1])
+    carries = in_order[..., n_state:]
+    for i, piece in enumerate(mine):
+        state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories)
+        part = slice(i * size, (i + 1) * size)
+        outs[i] = outs[i] + torch.einsum("bshk,bhkv->bshv", scale * q[:, part].float() * reaches[i][..., None], state)
+    return torch.cat(outs, dim=1).to(q.dtype)

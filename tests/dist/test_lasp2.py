@@ -19,9 +19,9 @@ H, DK, DV = 2, 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _twin(kind: str, chunk: int, with_resets: bool, seed: int) -> None:
+def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1) -> None:
     from ithaca.kernels.linear_attention import linear_attention_recurrent
-    from ithaca.parallel import lasp2_attention
+    from ithaca.parallel import lasp2_attention, sequence_part
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     gen = torch.Generator().manual_seed(seed)
@@ -39,34 +39,51 @@ def _twin(kind: str, chunk: int, with_resets: bool, seed: int) -> None:
     full, _ = linear_attention_recurrent(q, k, v, log_decay, scale=DK ** -0.5, resets=resets)
     full.backward(cotangent)
 
-    mine = slice(rank * chunk, (rank + 1) * chunk)
-    leaves = [t.detach()[:, mine].clone().requires_grad_() for t in (q, k, v)]
+    def mine(t):
+        return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
+
+    leaves = [mine(t).clone().requires_grad_() for t in (q, k, v)]
     local_decay = None
     if kind == "fixed":
         local_decay = log_decay
     elif kind == "gated":
-        local_decay = log_decay.detach()[:, mine].clone().requires_grad_()
+        local_decay = mine(log_decay).clone().requires_grad_()
         leaves.append(local_decay)
     out = lasp2_attention(*leaves[:3], group, log_decay=local_decay,
-                          resets=None if resets is None else resets[:, mine])
-    out.backward(cotangent[:, mine])
-    where = f"kind={kind} chunk={chunk} resets={with_resets} rank={rank}/{world}"
-    torch.testing.assert_close(out, full[:, mine], **TOL, msg=lambda m: f"out {where}: {m}")
+                          resets=None if resets is None else mine(resets), ring=ring)
+    out.backward(mine(cotangent))
+    where = f"kind={kind} chunk={chunk} resets={with_resets} ring={ring} rank={rank}/{world}"
+    torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
     refs = [q, k, v] + ([log_decay] if kind == "gated" else [])
     for name, local, ref in zip(("dq", "dk", "dv", "dgate"), leaves, refs):
-        torch.testing.assert_close(local.grad, ref.grad[:, mine], **TOL, msg=lambda m: f"{name} {where}: {m}")
+        torch.testing.assert_close(local.grad, mine(ref.grad), **TOL, msg=lambda m: f"{name} {where}: {m}")
 
 
-def _all_cases() -> int:
-    cases = [(kind, chunk, resets) for kind in ("plain", "fixed", "gated") for chunk, resets in ((13, False), (70, True))]
-    for i, case in enumerate(cases):
-        _twin(*case, seed=i)
-    return len(cases)
+CASES = [(kind, chunk, resets) for kind in ("plain", "fixed", "gated") for chunk, resets in ((13, False), (70, True))]
+
+
+def _all_cases(ring_of_world: bool) -> int:
+    world = dist.get_world_size()
+    for i, (kind, chunk, resets) in enumerate(CASES):
+        # zigzag (ring) layouts need an even local length: double the odd chunk
+        _twin(kind, chunk * 2 if ring_of_world else chunk, resets, seed=i, ring=world if ring_of_world else 1)
+    return len(CASES)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_lasp2_matches_the_recurrence(world):
-    assert run_ranks(_all_cases, world) == [6] * world
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_lasp2_matches_the_recurrence(world, layout):
+    assert run_ranks(_all_cases, world, layout == "zigzag") == [len(CASES)] * world
+
+
+def _usp_layout() -> int:
+    for i, (kind, chunk, resets) in enumerate(CASES):
+        _twin(kind, chunk * 2, resets, seed=i, ring=2)  # world 4: 2 Ulysses ranks x a ring of 2
+    return len(CASES)
+
+
+def test_lasp2_in_the_usp_layout():
+    assert run_ranks(_usp_layout, 4) == [len(CASES)] * 4
 
 
 def _elements_moved(n_per_rank: int) -> tuple[int, int]:
