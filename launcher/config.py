@@ -27,10 +27,12 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sp: int = 1
-    sp_method: Literal["ulysses", "ring", "usp"] = "ulysses"
+    sp_method: Literal["ulysses", "ring", "usp", "allgather"] = "ulysses"
     """How softmax attention splits the sequence over the sp ranks: Ulysses all-to-all (needs heads
-    divisible by sp), ring attention (any head count), or usp: Ulysses inside groups of
-    ulysses_degree ranks and a ring across the groups."""
+    divisible by sp), ring attention (any head count), usp: Ulysses inside groups of
+    ulysses_degree ranks and a ring across the groups, or allgather: every rank gathers all K/V
+    (LASP-2H's choice for the few softmax layers of a hybrid). Linear layers always use LASP-2,
+    in the sequence layout this choice implies."""
     ulysses_degree: int | None = None
     """usp only: ranks per Ulysses group (the same node); the ring spans sp / ulysses_degree groups."""
 
@@ -51,13 +53,13 @@ class ParallelConfig:
 
     @property
     def ulysses(self) -> int:
-        """Ranks in each Ulysses all-to-all group."""
-        return {"ulysses": self.sp, "ring": 1, "usp": self.ulysses_degree}[self.sp_method]
+        """Ranks in each Ulysses all-to-all group (which must split the heads)."""
+        return {"ulysses": self.sp, "ring": 1, "usp": self.ulysses_degree, "allgather": 1}[self.sp_method]
 
     @property
     def ring(self) -> int:
-        """Ranks in each attention ring."""
-        return self.sp // self.ulysses
+        """Ranks in each attention ring; >1 means the zigzag sequence layout."""
+        return {"ulysses": 1, "ring": self.sp, "usp": self.sp // (self.ulysses_degree or 1), "allgather": 1}[self.sp_method]
 
     @property
     def world_size(self) -> int:

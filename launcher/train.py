@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,22 +17,17 @@ import torch.distributed as dist
 import yaml
 
 from ithaca.data.loader import LoaderState, PackedLoader
-from ithaca.data.packing import document_ids, document_positions
 from ithaca.data.shards import read_manifest
-from ithaca.kernels.attention import attention
 from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
+from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear, sequence_slice
 from ithaca.launcher.tracking import Tracker
 from ithaca.log import get_logger
-from ithaca.models.llama import Attend, Llama, token_losses
+from ithaca.models.llama import Llama, token_losses
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
-from ithaca.parallel.ring import ring_attention
-from ithaca.parallel.sequence_layout import sequence_part
-from ithaca.parallel.ulysses import ulysses_attention
-from ithaca.parallel.usp import usp_attention
 
 log = get_logger(__name__)
 
@@ -48,35 +42,6 @@ class StepRecord:
     seconds: float
 
 
-def make_attend(mesh: ParallelMesh) -> Attend:
-    """Causal attention for this mesh: local, Ulysses, ring, or both (USP), by the sp axis' shape."""
-    if mesh.sp == 1:
-        return partial(attention, is_causal=True)
-    if mesh.ring == 1:
-        return partial(ulysses_attention, group=mesh.group("sp"), causal=True)
-    if mesh.ulysses == 1:
-        return partial(ring_attention, group=mesh.group("ring"), causal=True)
-    return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True)
-
-
-def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None) -> list[torch.Tensor | None]:
-    """A window [b, L+1] -> this sp rank's [tokens, labels, positions, doc_ids], each [b, L/sp], in the
-    layout its attention expects (parallel/sequence_layout.py).
-
-    Labels are shifted on the whole window before the split, so the label at each part's edge is kept.
-    With `eos_id`, documents are found on the whole window too: doc_ids mark them and positions
-    restart at each; without it, doc_ids is None and positions run 0..L-1.
-    """
-    tokens, labels = window[:, :-1], window[:, 1:]
-    if eos_id is None:
-        doc_ids, positions = None, torch.arange(tokens.shape[1]).expand_as(tokens)
-    else:
-        doc_ids = document_ids(tokens, eos_id)
-        positions = document_positions(doc_ids)
-    return [None if t is None else sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
-            for t in (tokens, labels, positions, doc_ids)]
-
-
 def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, device: torch.device,
                eos_id: int | None) -> tuple[float, int]:
     """Forward/backward every micro-batch and step; returns (global mean token loss, global token count).
@@ -84,13 +49,13 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
     `eos_id` turns on document masking (see sequence_slice)."""
     slices = [[None if t is None else t.to(device) for t in sequence_slice(w, mesh, eos_id)] for w in micro_batches]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, real-token count]
-    sums[1] = sum(int((labels >= 0).sum()) for _, labels, _, _ in slices)
+    sums[1] = sum(int((labels >= 0).sum()) for _, labels, *_ in slices)
     dist.all_reduce(sums[1:], group=mesh.group("dp_sp"))
     global_tokens = sums[1].item()
     # DeepSpeed divides gradients by dp (after summing over dp x sp) and by the micro-batch count.
     scale = mesh.dp * len(slices) / global_tokens
-    for tokens, labels, positions, doc_ids in slices:
-        loss_sum = token_losses(engine(tokens, positions, doc_ids), labels).sum()
+    for tokens, labels, positions, doc_ids, resets in slices:
+        loss_sum = token_losses(engine(tokens, positions, doc_ids, resets), labels).sum()
         engine.backward(loss_sum * scale)
         engine.step()
         sums[0] += loss_sum.detach().double()
@@ -112,7 +77,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
 
     torch.manual_seed(cfg.train.seed)  # same seed on every rank: whole weights are drawn, then split
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh))
+    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh, p.sp_method),
+                  make_attend_linear(mesh), tp_rank=mesh.rank("tp"))
     engine = build_engine(cfg, model, mesh)
 
     step, state, run_id = 0, LoaderState(), None

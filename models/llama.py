@@ -8,6 +8,8 @@ What is unusual here:
 - Attention over the (possibly sequence-parallel) heads is a callable handed in by the caller
   (`attend(q, k, v)`), so this file never communicates: the launcher passes plain attention or
   `ithaca.parallel.ulysses_attention` bound to its sp group.
+- Layers mix tokens with softmax attention or linear attention (models/linear_attention.py) as
+  `layer_pattern` says, so the same class builds Llama, linear-attention and hybrid models.
 - The output is vocab-parallel logits; `token_losses` turns them into per-token losses.
 """
 
@@ -22,7 +24,9 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.models.linear_attention import AttendLinear, LinearAttention
 from ithaca.models.llama_args import LlamaArgs
+from ithaca.models.mixer import SequenceInfo
 from ithaca.models.norm import RMSNorm
 from ithaca.models.rope import apply_rope, rope_angles
 
@@ -51,14 +55,13 @@ class Attention(nn.Module):
             args.n_heads * args.head_dim, args.dim, config=mp, bias=False, input_is_parallel=True,
             skip_bias_add=False, init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         b, s, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(b, s, self.local_kv_heads, self.group_size + 2, self.head_dim)
         q = qkv[:, :, :, : self.group_size].reshape(b, s, -1, self.head_dim)  # [b, s, h/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, h_kv/tp, d]
-        o = self.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, doc_ids=doc_ids)
+        o = self.attend(apply_rope(q, seq.cos, seq.sin), apply_rope(k, seq.cos, seq.sin), v, doc_ids=seq.doc_ids)
         out, _ = self.out(o.reshape(b, s, -1))
         return out
 
@@ -82,40 +85,54 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, mixer: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args, mp, attend)
+        self.attn = mixer
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn = FeedForward(args, mp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
+    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), seq)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """tokens [b, s], their positions [b, s] and, for packed documents, document ids [b, s]
-    -> vocab-parallel logits [b, s, vocab/tp]."""
+    """tokens [b, s], their positions [b, s] and, for packed documents, document ids [b, s] and
+    document starts (`resets`, [b, s] bool, found on the whole sequence) -> vocab-parallel logits
+    [b, s, vocab/tp].
 
-    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend):
+    `attend` mixes softmax layers, `attend_linear` linear layers; `tp_rank` picks this rank's
+    heads' fixed decays.
+    """
+
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend,
+                 attend_linear: AttendLinear | None = None, tp_rank: int = 0):
         super().__init__()
+        if "L" in args.layer_pattern and attend_linear is None:
+            raise ValueError(f"Llama: layer_pattern={args.layer_pattern!r} has linear layers; pass attend_linear")
         self.args = args
         self.embed = tensor_parallel.VocabParallelEmbedding(
             args.vocab_size, args.dim, init_method=_normal(args.init_std), config=mp)
-        self.blocks = nn.ModuleList(Block(args, mp, attend) for _ in range(args.n_layers))
+
+        def mixer(layer: int) -> nn.Module:
+            if args.mixer(layer) == "L":
+                return LinearAttention(args, mp, attend_linear, tp_rank)
+            return Attention(args, mp, attend)
+
+        self.blocks = nn.ModuleList(Block(args, mp, mixer(i)) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = tensor_parallel.ColumnParallelLinear(
             args.dim, args.vocab_size, config=mp, init_method=_normal(args.init_std), bias=False,
             gather_output=False, skip_weight_param_allocation=args.tie_embeddings)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                resets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)  # [b, s, dim]
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        seq = SequenceInfo(cos=cos, sin=sin, doc_ids=doc_ids, resets=resets)
         for block in self.blocks:
-            x = block(x, cos, sin, doc_ids)
+            x = block(x, seq)
         weight = self.embed.weight if self.args.tie_embeddings else None
         logits, _ = self.head(self.norm(x), weight=weight)
         return logits

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+MIXERS = {"S": "softmax attention", "L": "linear attention"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +22,19 @@ class LlamaArgs:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    layer_pattern: str = "S"
+    """Each layer's token mixer, the pattern repeated over n_layers: S softmax attention, L linear
+    attention; "L" is a linear-attention model, "LLLS" a hybrid with one softmax layer in four."""
+    linear_decay: Literal["plain", "retention", "gated"] = "retention"
+    """Linear layers' decay: none (arXiv:2006.16236), a fixed per-head decay 1 - 2^(-5-head)
+    (RetNet, arXiv:2307.08621), or a per-token, per-head sigmoid gate (GLA, arXiv:2312.06635)."""
+    linear_feature_map: Literal["identity", "elu1", "silu"] = "identity"
+    """Applied to linear layers' q and k: identity (RetNet, GLA), elu+1 (arXiv:2006.16236), silu."""
+    linear_output_norm: bool = True
+    """Per-head RMSNorm, gains per channel, of the linear layers' output (RetNet's group norm, GLA,
+    lightning attention)."""
+    linear_output_gate: bool = True
+    """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
@@ -30,6 +46,20 @@ class LlamaArgs:
             raise ValueError(f"dim={self.dim}: dim/n_heads={self.head_dim} must be even for RoPE")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
+        unknown = set(self.layer_pattern) - set(MIXERS)
+        if not self.layer_pattern or unknown:
+            raise ValueError(f"layer_pattern={self.layer_pattern!r}: use the letters "
+                             f"{', '.join(f'{k} ({v})' for k, v in MIXERS.items())}; unknown: {''.join(sorted(unknown))}")
+        if self.n_layers % len(self.layer_pattern):
+            raise ValueError(f"layer_pattern={self.layer_pattern!r}: its length must divide n_layers={self.n_layers}")
+
+    def mixer(self, layer: int) -> str:
+        """The letter of layer `layer`'s mixer."""
+        return self.layer_pattern[layer % len(self.layer_pattern)]
+
+    @property
+    def has_softmax(self) -> bool:
+        return "S" in self.layer_pattern
 
     @property
     def kv_heads(self) -> int:

@@ -1,5 +1,6 @@
 """Parallelism: the device mesh, sequence-parallel attention, and the megatron-core/DeepSpeed bridge."""
 
+from ithaca.parallel.allgather_kv import allgather_kv_attention
 from ithaca.parallel.lasp2 import lasp2_attention
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
 from ithaca.parallel.ring import ring_attention
@@ -8,5 +9,5 @@ from ithaca.parallel.ulysses import ulysses_attention
 from ithaca.parallel.usp import usp_attention
 from ithaca.parallel.zigzag import zigzag_merge, zigzag_split
 
-__all__ = ["ParallelMesh", "build_mesh", "lasp2_attention", "ring_attention", "sequence_part", "ulysses_attention", "usp_attention",
+__all__ = ["ParallelMesh", "allgather_kv_attention", "build_mesh", "lasp2_attention", "ring_attention", "sequence_part", "ulysses_attention", "usp_attention",
            "zigzag_merge", "zigzag_split"]

@@ -33,11 +33,12 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
 MODEL_KEYS = ("model.",)  # overrides that change the function, so need their own single-process run
 
 
-def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...]) -> dict[str, list[float]]:
+def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...],
+                  config: str = "debug-cpu") -> dict[str, list[float]]:
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.train import run_training
 
-    cfg = load_config("debug-cpu", [
+    cfg = load_config(config, [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", f"train.steps={STEPS}",
         "train.global_batch=4", "train.micro_batch=1", "train.log_every=100", "checkpoint.every=1000",
         f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.sp={sp}", *extra])
@@ -46,8 +47,10 @@ def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[s
 
 
 @functools.cache
-def _single_process(data: str, out: str, model_overrides: tuple[str, ...]) -> dict[str, list[float]]:
-    (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1, model_overrides)
+def _single_process(data: str, out: str, model_overrides: tuple[str, ...],
+                    config: str = "debug-cpu") -> dict[str, list[float]]:
+    (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1, model_overrides + ("parallel.sp_method=ulysses",),
+                          config)
     return curves
 
 
@@ -77,3 +80,29 @@ def test_bf16_under_sequence_parallelism_follows_the_fp32_curve(debug_shards, tm
     # bf16 weights and activations (fp32 loss) round at ~4e-3 relative per op; over 10 steps the
     # curve stays within a few percent of fp32, while a broken path (no update, NaN) does not.
     torch.testing.assert_close(bf16["loss"], single["loss"], rtol=3e-2, atol=0)
+
+
+LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
+    "linear-sp2": ("debug-linear-cpu", 1, 1, 2, ()),
+    "linear-sp4": ("debug-linear-cpu", 1, 1, 4, ()),
+    "linear-tp2xsp2-retention": ("debug-linear-cpu", 1, 2, 2, ("model.linear_decay=retention",)),
+    "hybrid-sp2-ring": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=ring",)),
+    "hybrid-sp2-ulysses": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=ulysses",)),
+    "hybrid-sp2-allgather": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=allgather",)),
+    "hybrid-sp4-ring": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=ring",)),
+    "hybrid-sp4-usp": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
+    "hybrid-sp4-allgather": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=allgather",)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LINEAR_AND_HYBRID))
+def test_linear_and_hybrid_models_give_the_single_process_curve(layout, debug_shards, tmp_path_factory):
+    config, dp, tp, sp, extra = LINEAR_AND_HYBRID[layout]
+    model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
+    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), model_overrides, config)
+    per_rank = run_ranks(_train_curves, dp * tp * sp, str(debug_shards), str(tmp_path_factory.mktemp(layout)),
+                         dp, tp, sp, extra, config)
+    assert single["loss"][-1] < single["loss"][0] - 0.3  # it trains
+    for curve in ("loss", "grad_norm"):  # tolerances as above
+        torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=1e-4, atol=0,
+                                   msg=lambda m: f"{curve} under {layout}: {m}")

@@ -33,6 +33,9 @@ def test_shipped_debug_config_loads_with_overrides():
     ("train.global_batch=3", "train.global_batch", "multiple of micro_batch\\*dp=4"),
     ("model.dim=66", "model", "divisible by n_heads"),
     ("model.n_kv_heads=3", "model", "must divide n_heads"),
+    ("model.layer_pattern=LSX", "model", "layer_pattern='LSX': use the letters S .*unknown: X"),
+    ("model.layer_pattern=LLS", "model", "its length must divide n_layers=2"),
+    ("model.linear_decay=cosine", "model.linear_decay", "choose one of 'plain', 'retention', 'gated'"),
     ("steps=3", "--set", "section.key=value"),
 ])
 def test_bad_values_name_their_field_and_fix(override, field, fix):

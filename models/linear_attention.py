@@ -1,0 +1,85 @@
+"""A linear-attention token mixer with decay, feature map, output norm and output gate options.
+
+Heads are split over tp like softmax attention's (q, k and v have n_heads heads; no GQA here).
+The sequence mixing itself is a callable handed in (`attend_linear`), so this file never
+communicates: the launcher passes the local chunked form or `ithaca.parallel.lasp2_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from ithaca.models.llama_args import LlamaArgs
+from ithaca.models.mixer import SequenceInfo
+from ithaca.models.norm import HeadRMSNorm
+
+AttendLinear = Callable[..., torch.Tensor]
+"""attend_linear(q [b, s, h, d], k, v, log_decay=None | [h] | [b, s, h], resets=[b, s] or None) -> [b, s, h, d]."""
+
+GATE_LOGIT_NORMALIZER = 16.0
+"""GLA divides log-sigmoid gates by 16 so decays start close to 1 (arXiv:2312.06635, section 4.4)."""
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "elu1": lambda x: F.elu(x) + 1,
+    "silu": F.silu,
+}
+
+
+def retention_log_decay(n_heads: int) -> torch.Tensor:
+    """RetNet's per-head decays, log(1 - 2^(-5 - head)) for heads 0..n_heads-1."""
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float32))))
+
+
+def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend_linear: AttendLinear, tp_rank: int):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.args, self.attend_linear = args, attend_linear
+        self.local_heads, self.head_dim = args.n_heads // tp, args.head_dim
+        width = args.n_heads * args.head_dim
+        # stride=3: the master weight is [q; k; v] and each tp rank takes its heads of all three
+        self.qkv = tensor_parallel.ColumnParallelLinear(args.dim, 3 * width, config=mp, bias=False, stride=3,
+                                                        init_method=_normal(args.init_std), gather_output=False)
+        if args.linear_decay == "gated":
+            self.gate = tensor_parallel.ColumnParallelLinear(args.dim, args.n_heads, config=mp, bias=True,
+                                                             init_method=_normal(args.init_std), gather_output=False)
+        if args.linear_decay == "retention":
+            local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
+            self.register_buffer("log_decay", retention_log_decay(args.n_heads)[local], persistent=False)
+        if args.linear_output_norm:
+            self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps)
+        if args.linear_output_gate:
+            self.out_gate = tensor_parallel.ColumnParallelLinear(args.dim, width, config=mp, bias=False,
+                                                                 init_method=_normal(args.init_std), gather_output=False)
+        self.out = tensor_parallel.RowParallelLinear(
+            width, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
+
+    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)  # [b, s, h/tp, d] each
+        feature = FEATURE_MAPS[self.args.linear_feature_map]
+        log_decay = None
+        if self.args.linear_decay == "gated":
+            log_decay = F.logsigmoid(self.gate(x)[0].float()) / GATE_LOGIT_NORMALIZER  # [b, s, h/tp]
+        elif self.args.linear_decay == "retention":
+            log_decay = self.log_decay
+        o = self.attend_linear(feature(q), feature(k), v, log_decay=log_decay, resets=seq.resets)
+        if self.args.linear_output_norm:
+            o = self.out_norm(o)
+        o = o.reshape(b, s, -1)
+        if self.args.linear_output_gate:
+            o = o * F.silu(self.out_gate(x)[0])
+        return self.out(o)[0]

@@ -1,0 +1,20 @@
+"""What every token mixer is given besides its input: the sequence's positions and documents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """Per-token facts of this rank's part of the sequence, shared by every layer."""
+
+    cos: torch.Tensor
+    """RoPE angles' cosines [b, s, 1, head_dim/2] (positions restart per document when packed)."""
+    sin: torch.Tensor
+    doc_ids: torch.Tensor | None
+    """[b, s] packed-document ids, or None for one sequence per row."""
+    resets: torch.Tensor | None
+    """[b, s] bool, True where a document starts (found on the whole sequence, before any split)."""
