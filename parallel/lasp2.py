@@ -8,7 +8,8 @@ the state entering its chunk,
 
     S_t = sum_{j<t} (prod_{j<m<t} a_m) M_j,
 
-and add exp(g_i) (scale q_i) S_t to each token's output. Backward goes through the same
+and add exp(g_i) (scale q_i) S_t to each token's output. The states are computed first (cheap)
+and gathered while the chunk's own output (the costly part) is computed. Backward goes through the same
 operations; the all-gather's backward is one reduce-scatter of the state gradients. Per layer and
 direction that is P * b * h * (d_k*d_v + 1) elements, whatever the sequence length.
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ithaca.kernels.linear_attention import expand_log_decay, linear_attention_chunked, state_reach
-from ithaca.parallel.gather import gather_states
+from ithaca.kernels.linear_attention import chunk_memory, expand_log_decay, linear_attention_chunked, state_reach
+from ithaca.parallel.gather import PendingGather, gather_states
 from ithaca.parallel.sequence_layout import piece_order
 
 CHUNK = 64
@@ -71,20 +72,20 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     log_decay = expand_log_decay(log_decay, b, s, h, q.device)
     mine, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
     size = s // len(mine)
-    outs, packs, reaches = [], [], []
-    for i in range(len(mine)):  # each piece alone, with no incoming state
-        part = slice(i * size, (i + 1) * size)
-        piece_resets = None if resets is None else resets[:, part]
-        out_local, memory = linear_attention_chunked(q[:, part], k[:, part], v[:, part], log_decay[:, part],
-                                                     scale=scale, chunk_size=CHUNK, resets=piece_resets)
-        reach, carry, _ = state_reach(log_decay[:, part], piece_resets)
-        outs.append(out_local.float())
-        packs.append(torch.cat([memory.flatten(1), carry], dim=1))  # [b, h*d_k*d_v + h]
-        reaches.append(reach)
-    if n_pieces == 1:
+    parts = [slice(i * size, (i + 1) * size) for i in range(len(mine))]
+    piece_resets = [None if resets is None else resets[:, part] for part in parts]
+    pending = PendingGather() if n_pieces > 1 else None
+    if pending is not None:
+        # one all-gather carries every piece's d_k x d_v state and carry; it runs during the outputs below
+        packs = [torch.cat([t.flatten(1) for t in chunk_memory(k[:, part], v[:, part], log_decay[:, part], r)], dim=1)
+                 for part, r in zip(parts, piece_resets)]  # [b, h*d_k*d_v + h] each
+        gathered = gather_states(torch.stack(packs), group, pending)  # [P, pieces per rank, b, h*d_k*d_v + h]
+    outs = [linear_attention_chunked(q[:, part], k[:, part], v[:, part], log_decay[:, part], scale=scale,
+                                     chunk_size=CHUNK, resets=r)[0].float()  # each piece alone, no incoming state
+            for part, r in zip(parts, piece_resets)]
+    if pending is None:
         return outs[0].to(q.dtype)
-    # one all-gather carries every piece's d_k x d_v states and carries
-    gathered = gather_states(torch.stack(packs), group)  # [P, pieces per rank, b, h*d_k*d_v + h]
+    pending.wait()  # guards `gathered`
     order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
     position = {piece: (r, i) for r, pieces in enumerate(order) for i, piece in enumerate(pieces)}
     in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, ...] sequence order
@@ -93,6 +94,6 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     carries = in_order[..., n_state:]
     for i, piece in enumerate(mine):
         state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories)
-        part = slice(i * size, (i + 1) * size)
-        outs[i] = outs[i] + torch.einsum("bshk,bhkv->bshv", scale * q[:, part].float() * reaches[i][..., None], state)
+        reach, _, _ = state_reach(log_decay[:, parts[i]], piece_resets[i])
+        outs[i] = outs[i] + torch.einsum("bshk,bhkv->bshv", scale * q[:, parts[i]].float() * reach[..., None], state)
     return torch.cat(outs, dim=1).to(q.dtype)

@@ -73,6 +73,17 @@ def state_reach(log_decay: torch.Tensor, resets: torch.Tensor | None) -> tuple[t
     return reach, carry, seg
 
 
+def chunk_memory(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                 resets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state a chunk hands on from a zero start, M = sum_j exp(g_C - g_j) k_j^T v_j over the
+    chunk's last document, and its carry: -> (memory [b, h, d_k, d_v], carry [b, h]) fp32.
+    O(C d_k d_v): cheap next to the chunk's output, so LASP-2 sends it first."""
+    g = log_decay.cumsum(dim=1)
+    _, carry, seg = state_reach(log_decay, resets)
+    to_end = (g[:, -1:, :] - g).masked_fill(~(seg == seg[:, -1:])[..., None], float("-inf")).exp()  # [b, C, h]
+    return torch.einsum("bjh,bjhk,bjhv->bhkv", to_end, k.float(), v.float()), carry
+
+
 def chunk_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *, scale: float,
                 resets: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One chunk's parts that do not depend on the incoming state (all fp32):
@@ -84,15 +95,14 @@ def chunk_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: to
     """
     c = q.shape[1]
     g = log_decay.cumsum(dim=1)  # [b, C, h], inclusive
-    reach, carry, seg = state_reach(log_decay, resets)
+    reach, _, seg = state_reach(log_decay, resets)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     same = causal & (seg[:, :, None] == seg[:, None, :])  # [b, C, C]: no reset in (j, i]
     log_weights = (g[:, :, None, :] - g[:, None, :, :]).masked_fill(~same[..., None], float("-inf"))  # [b, i, j, h]
     qf = scale * q.float()
     scores = torch.einsum("bihd,bjhd->bijh", qf, k.float()) * log_weights.exp()
     intra = torch.einsum("bijh,bjhv->bihv", scores, v.float())
-    to_end = (g[:, -1:, :] - g).masked_fill(~(seg == seg[:, -1:])[..., None], float("-inf")).exp()  # [b, C, h]
-    memory = torch.einsum("bjh,bjhk,bjhv->bhkv", to_end, k.float(), v.float())
+    memory, carry = chunk_memory(k, v, log_decay, resets)
     return {"intra": intra, "memory": memory, "carry": carry, "q_decayed": qf * reach[..., None]}
 
 
