@@ -15,7 +15,8 @@ import torch.distributed as dist
 class CommCounter:
     def __init__(self) -> None:
         self.bytes_sent = 0
-        """all-to-all and point-to-point bytes this rank sent"""
+        """bytes this rank sent: all-to-all and point-to-point as posted; an all-gather as (P-1)
+        copies of its input and a reduce-scatter as (P-1)/P of its input (ring algorithms)"""
         self.elements_gathered = 0
         """elements of every all-gather's output (P times each rank's input)"""
         self.elements_reduce_scattered = 0
@@ -39,10 +40,14 @@ def count_bytes_sent() -> Iterator[CommCounter]:
 
     def counting_all_gather(output, input, *args, **kwargs):
         counter.elements_gathered += output.numel()
+        world = output.numel() // input.numel()
+        counter.bytes_sent += (world - 1) * input.numel() * input.element_size()
         return all_gather(output, input, *args, **kwargs)
 
     def counting_reduce_scatter(output, input, *args, **kwargs):
         counter.elements_reduce_scattered += input.numel()
+        world = input.numel() // output.numel()
+        counter.bytes_sent += (world - 1) * output.numel() * input.element_size()
         return reduce_scatter(output, input, *args, **kwargs)
 
     dist.all_to_all_single, dist.batch_isend_irecv = counting_all_to_all, counting_batch_p2p

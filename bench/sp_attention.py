@@ -1,15 +1,18 @@
-"""Ring vs Ulysses vs USP: one attention layer's forward+backward per rank, time and bytes sent.
+"""Ring vs Ulysses vs USP vs LASP-2: one sequence-mixing layer's forward+backward per rank, time and bytes sent.
 
-What it measures: for each (N, P), every method runs the same [1, N, h, d] causal attention split
-over P ranks (Ulysses contiguous, ring zigzag, USP both), after a warm-up, the methods
-interleaved over repeats; it prints the median time, the ratio to Ulysses, and the bytes this
-rank sent (counted at torch.distributed) beside the formula for them:
+What it measures: for each (N, P), every method runs the same [1, N, h, d] causal layer split
+over P ranks (Ulysses contiguous, ring zigzag, USP both; LASP-2 is linear attention with a fixed
+decay on the same q, k, v, contiguous), after a warm-up, the methods interleaved over repeats;
+it prints the median time, the ratio to Ulysses, and the bytes this rank sent (counted at
+torch.distributed) beside the formula for them:
 
     Ulysses  2 passes x (2h + 2h_kv') * b*(N/P)*d * (P-1)/P elements      (h_kv' = max(h_kv, P))
     ring     forward (P-1) * 2*b*(N/P)*h_kv*d; backward the same again plus P * 2*b*(N/P)*h_kv*d
              fp32 gradient accumulators
     USP      Ulysses over U ranks on the local part, then the ring over R = P/U groups on
              [b, N/R, h/U, d]
+    LASP-2   all-gather of fp32 states and carries (P-1) * b*h*(d*d + 1), and a reduce-scatter
+             of their gradients, the same again: independent of N
 
 Run:  python -m bench.sp_attention --device cpu            (gloo processes on this machine)
       python -m bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
@@ -32,6 +35,8 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
 def _bytes_formula(method: str, n: int, world: int, ring: int, elem: int) -> int:
     s = n // world
+    if method == "lasp2":
+        return 2 * (world - 1) * HEADS * (HEAD_DIM * HEAD_DIM + 1) * 4
     if method == "ulysses":
         kv = max(KV_HEADS, world)
         return 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (world - 1) // world * elem
@@ -49,6 +54,7 @@ def _methods(world: int) -> dict[str, int]:
     methods = {"ulysses": 1, "ring": world}
     if world >= 4:
         methods["usp"] = 2
+    methods["lasp2"] = 1
     return methods
 
 
@@ -60,7 +66,8 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
     from bench.comm_counter import count_bytes_sent
-    from ithaca.parallel import build_mesh, sequence_part, ulysses_attention, usp_attention
+    from ithaca.models.linear_attention import retention_log_decay
+    from ithaca.parallel import build_mesh, lasp2_attention, sequence_part, ulysses_attention, usp_attention
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meshes = {ring: build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type=device)
@@ -80,7 +87,9 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
                 dist.barrier()
                 start = time.perf_counter()
                 with count_bytes_sent() as counter:
-                    if ring == 1:
+                    if method == "lasp2":
+                        out = lasp2_attention(q, k, v, mesh.group("sp"), log_decay=retention_log_decay(HEADS).to(device))
+                    elif ring == 1:
                         out = ulysses_attention(q, k, v, mesh.group("sp"))
                     else:
                         out = usp_attention(q, k, v, mesh.group("ulysses"), mesh.group("ring"))

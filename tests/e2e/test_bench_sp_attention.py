@@ -14,5 +14,5 @@ def test_bytes_sent_match_the_formulas():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 64 ")]
-    assert [r[3].strip() for r in rows] == ["ulysses", "ring", "ulysses", "ring", "usp"]
+    assert [r[3].strip() for r in rows] == ["ulysses", "ring", "lasp2", "ulysses", "ring", "usp", "lasp2"]
     assert all(r[8].strip() == "1.000" for r in rows), done.stdout
