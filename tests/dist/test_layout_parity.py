@@ -90,6 +90,7 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     "hybrid-sp2-ulysses": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=ulysses",)),
     "hybrid-sp2-allgather": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=allgather",)),
     "hybrid-sp4-ring": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=ring",)),
+    "hybrid-sp4-ulysses": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=ulysses",)),
     "hybrid-sp4-usp": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
     "hybrid-sp4-allgather": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=allgather",)),
 }
