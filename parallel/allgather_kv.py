@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ithaca.parallel.gather import gather_states
 from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.shapes import check_attention_inputs
 
 
 def _in_sequence_order(gathered: torch.Tensor, world: int, ring: int, piece: int) -> torch.Tensor:
@@ -33,11 +34,7 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     `sequence_part(..., ring=ring)` (contiguous by default). `doc_ids` [b, s] marks packed documents.
     Communication: one all-gather of 2*b*s*h_kv*d elements per rank (backward: one reduce-scatter).
     """
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"allgather_kv_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"allgather_kv_attention: q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    check_attention_inputs("allgather_kv_attention", q, k, v, doc_ids)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine, _ = piece_order(sp_rank=rank, sp=world, ring=ring)
     piece, h_kv = q.shape[1] // len(mine), k.shape[2]

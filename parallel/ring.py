@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ithaca.kernels.attention_lse import attention_lse_bwd, attention_lse_fwd
 from ithaca.parallel.ring_comm import RingComm
+from ithaca.parallel.shapes import check_attention_inputs
 
 _ALL = slice(None)
 
@@ -137,16 +138,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     twice that (blocks and their gradient accumulators).
     Raises ValueError on inconsistent shapes, or (causal) a local length that is not even.
     """
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"ring_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"ring_attention: q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    check_attention_inputs("ring_attention", q, k, v, doc_ids)
     if causal and q.shape[1] % 2:
         raise ValueError(f"ring_attention: causal zigzag needs an even local length (two chunks); got {q.shape[1]}; "
                          "split a sequence divisible by 2*P with zigzag_split")
-    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
-        raise ValueError(f"ring_attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     _check_same_shapes(k, group)
     return _RingAttention.apply(q, k, v, doc_ids, group, causal, q.shape[-1] ** -0.5 if scale is None else scale)
 

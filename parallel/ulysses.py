@@ -15,6 +15,7 @@ import torch.distributed as dist
 from deepspeed.sequence.layer import _SeqAllToAll
 
 from ithaca.kernels.attention import attention
+from ithaca.parallel.shapes import check_attention_inputs
 
 _HEAD_DIM, _SEQ_DIM, _BATCH_DIM = 2, 1, 0
 
@@ -83,13 +84,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     query reads another document's keys. Raises ValueError if h is not divisible by P or kv
     heads can be neither split nor repeated over P.
     """
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"ulysses_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_attention_inputs("ulysses_attention", q, k, v, doc_ids)
     sp = dist.get_world_size(group)
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
-    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
-        raise ValueError(f"ulysses_attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     if sp == 1:
         return attention(q, k, v, is_causal=causal, doc_ids=doc_ids)
     k, v = repeat_kv_heads(k, repeat), repeat_kv_heads(v, repeat)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ithaca.parallel.ring import ring_attention
 from ithaca.parallel.ulysses import gather_doc_ids, heads_to_seq, kv_repeat_factor, repeat_kv_heads, seq_to_heads
+from ithaca.parallel.shapes import check_attention_inputs
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_group: dist.ProcessGroup,
@@ -27,13 +28,9 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_gro
     documents. Needs h divisible by U, and h_kv and U such that one divides the other (kv heads
     are repeated up to U); raises ValueError otherwise.
     """
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"usp_attention: want q [b, s, h, d], k = v [b, s, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_attention_inputs("usp_attention", q, k, v, doc_ids)
     ulysses = dist.get_world_size(ulysses_group)
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], ulysses)
-    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
-        raise ValueError(f"usp_attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     if ulysses > 1:
         k, v = repeat_kv_heads(k, repeat), repeat_kv_heads(v, repeat)
         q, k, v = (seq_to_heads(t, ulysses_group) for t in (q, k, v))  # [b, s*U, h/U, d]

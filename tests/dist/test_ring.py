@@ -1,9 +1,4 @@
-"""Ring attention over gloo equals single-process attention on the whole sequence.
-
-Twin pattern: every rank draws the full q, k, v and cotangent from one seed, computes the plain
-result, then runs ring_attention on its zigzag part and compares its part of the output and of
-every gradient.
-"""
+"""Ring attention over gloo equals single-process attention on the whole sequence (tests/twin.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_ranks
+from twin import check_attention_twin
 
 # fp32: the merge reorders the softmax sums (~1e-7 seen); 2e-5 leaves room and still fails on a
 # wrongly masked or dropped block (errors of order 1e-1).
@@ -22,43 +18,15 @@ CASES = [  # (heads, kv_heads, head_dim, causal, packed documents)
 ]
 
 
-def random_doc_ids(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """[b, n] ids of packed documents of random lengths (about 7 tokens), crossing chunk edges."""
-    starts = torch.rand(b, n, generator=gen) < 0.15
-    starts[:, 0] = True
-    return starts.long().cumsum(1) - 1
-
-
-def _twin(heads: int, kv_heads: int, head_dim: int, causal: bool, packed: bool, seed: int):
-    from ithaca.kernels.attention import attention_reference
+def _all_cases() -> int:
     from ithaca.parallel import ring_attention, zigzag_split
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    gen = torch.Generator().manual_seed(seed)
-    b, n = 2, 6 * 2 * world  # chunks of 6 tokens
-    q = torch.randn(b, n, heads, head_dim, generator=gen, requires_grad=True)
-    k = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
-    v = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
-    cotangent = torch.randn(b, n, heads, head_dim, generator=gen)
-    doc_ids = random_doc_ids(b, n, gen) if packed else None
-    full = attention_reference(q, k, v, is_causal=causal, doc_ids=doc_ids)
-    full.backward(cotangent)
-
-    def mine(t):
-        return zigzag_split(t.detach(), rank, world)
-
-    ql, kl, vl = (mine(t).requires_grad_() for t in (q, k, v))
-    out = ring_attention(ql, kl, vl, group, causal=causal, doc_ids=None if doc_ids is None else mine(doc_ids))
-    out.backward(mine(cotangent))
-    where = f"heads={heads} kv={kv_heads} d={head_dim} causal={causal} packed={packed} rank={rank}/{world}"
-    torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
-    for name, local, ref in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
-        torch.testing.assert_close(local.grad, mine(ref.grad), **TOL, msg=lambda m: f"{name} {where}: {m}")
-
-
-def _all_cases() -> int:
-    for i, case in enumerate(CASES):
-        _twin(*case, seed=i)
+    for i, (heads, kv_heads, head_dim, causal, packed) in enumerate(CASES):
+        check_attention_twin(
+            lambda q, k, v, doc_ids: ring_attention(q, k, v, group, causal=causal, doc_ids=doc_ids),
+            lambda t: zigzag_split(t, rank, world), b=2, n=6 * 2 * world, heads=heads, kv_heads=kv_heads,
+            head_dim=head_dim, causal=causal, packed=packed, seed=i, tol=TOL, where=f"case {i} rank {rank}/{world}")
     return len(CASES)
 
 

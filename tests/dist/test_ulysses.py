@@ -1,8 +1,6 @@
 """Ulysses attention over gloo equals single-process attention on the gathered sequence.
 
-Twin pattern: every rank draws the full q, k, v and cotangent from one seed, computes the
-single-process result, then runs ulysses_attention on its contiguous slice and compares its
-slice of the output and of every input gradient.
+Twin pattern (tests/twin.py), each rank holding a contiguous slice.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_ranks
-from test_ring import random_doc_ids
+from twin import check_attention_twin
 
 # fp32; the all-to-all only moves data, so differences come from SDPA's blocking over a
 # different head count per call: ~1e-7 seen, 1e-5 leaves room without hiding a wrong slice.
@@ -24,33 +22,22 @@ CASES = [  # (heads, kv_heads, causal, packed documents)
 
 
 def _check_cases() -> int:
-    from ithaca.kernels.attention import attention
     from ithaca.parallel import ulysses_attention
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     checked = 0
-    for heads, kv_heads, causal, packed in CASES:
+    for i, (heads, kv_heads, causal, packed) in enumerate(CASES):
         if heads % world:
             continue
-        gen = torch.Generator().manual_seed(heads * 100 + kv_heads)
-        b, n, d = 2, 8 * world, 16
-        q = torch.randn(b, n, heads, d, generator=gen, requires_grad=True)
-        k = torch.randn(b, n, kv_heads, d, generator=gen, requires_grad=True)
-        v = torch.randn(b, n, kv_heads, d, generator=gen, requires_grad=True)
-        cotangent = torch.randn(b, n, heads, d, generator=gen)
-        doc_ids = random_doc_ids(b, n, gen) if packed else None
-        full = attention(q, k, v, is_causal=causal, doc_ids=doc_ids, impl="reference")
-        full.backward(cotangent)
+        s = 8  # local length
 
-        s = n // world
-        mine = slice(rank * s, (rank + 1) * s)
-        ql, kl, vl = (t.detach()[:, mine].clone().requires_grad_() for t in (q, k, v))
-        out = ulysses_attention(ql, kl, vl, group, causal=causal, doc_ids=None if doc_ids is None else doc_ids[:, mine])
-        out.backward(cotangent[:, mine])
-        where = f"heads={heads} kv_heads={kv_heads} causal={causal} packed={packed} rank={rank}"
-        torch.testing.assert_close(out, full[:, mine], **TOL, msg=lambda m: f"output {where}: {m}")
-        for name, local, ref in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
-            torch.testing.assert_close(local.grad, ref.grad[:, mine], **TOL, msg=lambda m: f"{name} {where}: {m}")
+        def mine(t):
+            return t[:, rank * s:(rank + 1) * s]
+
+        check_attention_twin(
+            lambda q, k, v, doc_ids: ulysses_attention(q, k, v, group, causal=causal, doc_ids=doc_ids), mine,
+            b=2, n=s * world, heads=heads, kv_heads=kv_heads, head_dim=16, causal=causal, packed=packed,
+            seed=heads * 100 + kv_heads + i, tol=TOL, where=f"case {i} rank {rank}/{world}")
         checked += 1
     return checked
 

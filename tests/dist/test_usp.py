@@ -1,17 +1,15 @@
 """USP (Ulysses x ring) over gloo equals single-process attention; so do its degenerate shapes.
 
-Twin pattern as in test_ring.py, with each rank's part taken by `sequence_part`, the split the
-training loop uses.
+Each rank's part is taken by `sequence_part`, the split the training loop uses (tests/twin.py).
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from harness import run_ranks
-from test_ring import random_doc_ids
+from twin import check_attention_twin
 
 TOL = dict(rtol=2e-5, atol=2e-5)  # fp32; as in test_ring.py
 CASES = [  # (heads, kv_heads, head_dim, causal, packed documents)
@@ -21,35 +19,19 @@ CASES = [  # (heads, kv_heads, head_dim, causal, packed documents)
 
 
 def _all_cases(ring: int) -> int:
-    from ithaca.kernels.attention import attention_reference
     from ithaca.parallel import build_mesh, sequence_part, usp_attention
 
     world = dist.get_world_size()
     mesh = build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type="cpu")
     sp_rank = mesh.rank("sp")
     assert mesh.ranks("sp") == list(range(world)) and len(mesh.ranks("ulysses")) == world // ring
-
-    def mine(t):
-        return sequence_part(t.detach(), sp_rank=sp_rank, sp=world, ring=ring)
-
     for i, (heads, kv_heads, head_dim, causal, packed) in enumerate(CASES):
-        gen = torch.Generator().manual_seed(i)
-        b, n = 2, 4 * 2 * world
-        q = torch.randn(b, n, heads, head_dim, generator=gen, requires_grad=True)
-        k = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
-        v = torch.randn(b, n, kv_heads, head_dim, generator=gen, requires_grad=True)
-        cotangent = torch.randn(b, n, heads, head_dim, generator=gen)
-        doc_ids = random_doc_ids(b, n, gen) if packed else None
-        full = attention_reference(q, k, v, is_causal=causal, doc_ids=doc_ids)
-        full.backward(cotangent)
-        ql, kl, vl = (mine(t).requires_grad_() for t in (q, k, v))
-        out = usp_attention(ql, kl, vl, mesh.group("ulysses"), mesh.group("ring"), causal=causal,
-                            doc_ids=None if doc_ids is None else mine(doc_ids))
-        out.backward(mine(cotangent))
-        where = f"heads={heads} kv={kv_heads} d={head_dim} causal={causal} packed={packed} ring={ring} rank={sp_rank}"
-        torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
-        for name, local, ref in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
-            torch.testing.assert_close(local.grad, mine(ref.grad), **TOL, msg=lambda m: f"{name} {where}: {m}")
+        check_attention_twin(
+            lambda q, k, v, doc_ids: usp_attention(q, k, v, mesh.group("ulysses"), mesh.group("ring"),
+                                                   causal=causal, doc_ids=doc_ids),
+            lambda t: sequence_part(t, sp_rank=sp_rank, sp=world, ring=ring), b=2, n=4 * 2 * world, heads=heads,
+            kv_heads=kv_heads, head_dim=head_dim, causal=causal, packed=packed, seed=i, tol=TOL,
+            where=f"case {i} ring {ring} rank {sp_rank}/{world}")
     return len(CASES)
 
 
