@@ -16,10 +16,16 @@ def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return starts.cumsum(dim=1)
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, L] document ids -> [b, L] bool, True where a document begins after the window's first token
+    (linear attention drops its state there; the first token has no state before it to drop)."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """[b, L] document ids -> each token's position inside its document (RoPE restarts per document)."""
     index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_of_doc = torch.where(is_start, index, 0).cummax(dim=1).values
+    start_of_doc = torch.where(document_starts(doc_ids), index, 0).cummax(dim=1).values
     return index - start_of_doc

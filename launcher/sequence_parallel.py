@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from ithaca.data.packing import document_ids, document_positions
+from ithaca.data.packing import document_ids, document_positions, document_starts
 from ithaca.kernels.attention import attention
 from ithaca.kernels.linear_attention import linear_attention_chunked
 from ithaca.models.linear_attention import AttendLinear
@@ -57,8 +57,6 @@ def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     else:
         doc_ids = document_ids(tokens, eos_id)
-        positions = document_positions(doc_ids)
-        resets = torch.zeros_like(doc_ids, dtype=torch.bool)
-        resets[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        positions, resets = document_positions(doc_ids), document_starts(doc_ids)
     return [None if t is None else sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
             for t in (tokens, labels, positions, doc_ids, resets)]
