@@ -16,6 +16,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.models.init import normal_init
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import SequenceInfo
 from ithaca.models.norm import HeadRMSNorm
@@ -38,9 +39,6 @@ def retention_log_decay(n_heads: int) -> torch.Tensor:
     return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float32))))
 
 
-def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
-
 
 class LinearAttention(nn.Module):
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend_linear: AttendLinear, tp_rank: int):
@@ -51,10 +49,10 @@ class LinearAttention(nn.Module):
         width = args.n_heads * args.head_dim
         # stride=3: the master weight is [q; k; v] and each tp rank takes its heads of all three
         self.qkv = tensor_parallel.ColumnParallelLinear(args.dim, 3 * width, config=mp, bias=False, stride=3,
-                                                        init_method=_normal(args.init_std), gather_output=False)
+                                                        init_method=normal_init(args.init_std), gather_output=False)
         if args.linear_decay == "gated":
             self.gate = tensor_parallel.ColumnParallelLinear(args.dim, args.n_heads, config=mp, bias=True,
-                                                             init_method=_normal(args.init_std), gather_output=False)
+                                                             init_method=normal_init(args.init_std), gather_output=False)
         if args.linear_decay == "retention":
             local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
             self.register_buffer("log_decay", retention_log_decay(args.n_heads)[local], persistent=False)
@@ -62,10 +60,10 @@ class LinearAttention(nn.Module):
             self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps)
         if args.linear_output_gate:
             self.out_gate = tensor_parallel.ColumnParallelLinear(args.dim, width, config=mp, bias=False,
-                                                                 init_method=_normal(args.init_std), gather_output=False)
+                                                                 init_method=normal_init(args.init_std), gather_output=False)
         self.out = tensor_parallel.RowParallelLinear(
             width, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
-            init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
+            init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         b, s, _ = x.shape

@@ -25,6 +25,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from ithaca.models.linear_attention import AttendLinear, LinearAttention
+from ithaca.models.init import normal_init
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import SequenceInfo
 from ithaca.models.norm import RMSNorm
@@ -34,9 +35,6 @@ Attend = Callable[..., torch.Tensor]
 """attend(q [b, s, h, d], k [b, s, h_kv, d], v [b, s, h_kv, d], doc_ids=[b, s] or None) -> [b, s, h, d],
 causal and, given doc_ids, inside each packed document."""
 
-
-def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
 class Attention(nn.Module):
@@ -49,11 +47,11 @@ class Attention(nn.Module):
         self.local_kv_heads = args.kv_heads // tp
         self.qkv = tensor_parallel.ColumnParallelLinear(
             args.dim, (args.n_heads + 2 * args.kv_heads) * args.head_dim, config=mp,
-            init_method=_normal(args.init_std), bias=False, gather_output=False)
+            init_method=normal_init(args.init_std), bias=False, gather_output=False)
         # GPT-2's residual scaling: each block adds two outputs to the stream.
         self.out = tensor_parallel.RowParallelLinear(
             args.n_heads * args.head_dim, args.dim, config=mp, bias=False, input_is_parallel=True,
-            skip_bias_add=False, init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
+            skip_bias_add=False, init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         b, s, _ = x.shape
@@ -73,11 +71,11 @@ class FeedForward(nn.Module):
         super().__init__()
         # stride=2: the master weight is [gate; up] and each tp rank takes its slice of both.
         self.gate_up = tensor_parallel.ColumnParallelLinear(
-            args.dim, 2 * args.ffn_dim, config=mp, init_method=_normal(args.init_std), bias=False,
+            args.dim, 2 * args.ffn_dim, config=mp, init_method=normal_init(args.init_std), bias=False,
             gather_output=False, stride=2)
         self.down = tensor_parallel.RowParallelLinear(
             args.ffn_dim, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
-            init_method=_normal(args.init_std / math.sqrt(2 * args.n_layers)))
+            init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
@@ -113,7 +111,7 @@ class Llama(nn.Module):
             raise ValueError(f"Llama: layer_pattern={args.layer_pattern!r} has linear layers; pass attend_linear")
         self.args = args
         self.embed = tensor_parallel.VocabParallelEmbedding(
-            args.vocab_size, args.dim, init_method=_normal(args.init_std), config=mp)
+            args.vocab_size, args.dim, init_method=normal_init(args.init_std), config=mp)
 
         def mixer(layer: int) -> nn.Module:
             if args.mixer(layer) == "L":
@@ -123,7 +121,7 @@ class Llama(nn.Module):
         self.blocks = nn.ModuleList(Block(args, mp, mixer(i)) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = tensor_parallel.ColumnParallelLinear(
-            args.dim, args.vocab_size, config=mp, init_method=_normal(args.init_std), bias=False,
+            args.dim, args.vocab_size, config=mp, init_method=normal_init(args.init_std), bias=False,
             gather_output=False, skip_weight_param_allocation=args.tie_embeddings)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None,

@@ -34,10 +34,6 @@ class ParallelMesh:
     sp: int
     ring: int
 
-    @property
-    def ulysses(self) -> int:
-        return self.sp // self.ring
-
     def group(self, axis: str) -> dist.ProcessGroup:
         """The process group along one axis: "dp", "pp", "tp", "sp", "ring", "ulysses" or "dp_sp"."""
         return self.device_mesh.get_group(axis)

@@ -10,7 +10,6 @@ class RingComm:
     """Posts sends and receives together (`batch_isend_irecv`) so the caller can compute while they fly.
 
     Usage: `incoming = comm.exchange(tensors)`; compute; `comm.wait()`; only then read `incoming`.
-    `bytes_sent` counts what this rank has sent, for benchmarks and tests.
     """
 
     def __init__(self, group: dist.ProcessGroup):
@@ -20,7 +19,6 @@ class RingComm:
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
         self._pending: list[dist.Work] = []
         self._sending: list[torch.Tensor] = []  # kept alive until the sends complete
-        self.bytes_sent = 0
 
     def exchange(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Start sending `tensors` to the next rank; return buffers that receive the previous rank's."""
@@ -30,7 +28,6 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in self._sending]
         ops += [dist.P2POp(dist.irecv, buf, self.prev, self.group) for buf in incoming]
         self._pending = dist.batch_isend_irecv(ops)
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         return incoming
 
     def wait(self) -> None:

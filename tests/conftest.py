@@ -27,3 +27,19 @@ def debug_shards(tmp_path_factory) -> Path:
     done = run_cli("prep", "--output", str(out), "--shard-tokens", "1000000")
     assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def short_doc_shards(tmp_path_factory) -> Path:
+    """Shards of short documents (paragraphs of standard-library modules, mostly under 64 tokens
+    apart), so that 10 training steps of 64-token windows cross many document boundaries."""
+    import json
+
+    from ithaca.data import ByteTokenizer, prep
+    from ithaca.data.prep import default_inputs
+
+    root = tmp_path_factory.mktemp("short-docs")
+    paragraphs = [p for f in default_inputs()[:4] for p in f.read_text().split("\n\n") if p.strip()]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    prep([root / "docs.jsonl"], root / "shards", ByteTokenizer(), shard_tokens=20_000)
+    return root / "shards"

@@ -1,5 +1,8 @@
 """The debug model trained 10 steps gives the same loss curve under every layout.
 
+The data are short documents, so every window holds several: document masks, restarted
+positions and linear-attention resets are exercised in every layout.
+
 Same seed and same global batches in every layout; weights are drawn whole and then split, so
 1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function, and so do
 ring attention (zigzag layout) and USP (2 Ulysses x 2 ring). With 4 heads and 2 kv heads,
@@ -10,6 +13,8 @@ ZeRO stages 2 and 3 and tied embeddings ride along on some layouts.
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -29,8 +34,9 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     "sp2-ring": (1, 1, 2, ("parallel.sp_method=ring",)),
     "sp4-usp": (1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
     "dp2xsp2-ring": (2, 1, 2, ("parallel.sp_method=ring",)),
+    "sp2-ring-no-document-mask": (1, 1, 2, ("parallel.sp_method=ring", "data.document_mask=false")),
 }
-MODEL_KEYS = ("model.",)  # overrides that change the function, so need their own single-process run
+MODEL_KEYS = ("model.", "data.")  # overrides that change the function, so need their own single-process run
 
 
 def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...],
@@ -46,20 +52,23 @@ def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[s
     return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
 
 
-@functools.cache
-def _single_process(data: str, out: str, model_overrides: tuple[str, ...],
-                    config: str = "debug-cpu") -> dict[str, list[float]]:
+@functools.cache  # keyed on what defines the run, so each baseline trains once per session
+def _single_process(data: str, model_overrides: tuple[str, ...], config: str = "debug-cpu") -> dict[str, list[float]]:
+    out = tempfile.mkdtemp(prefix="ithaca-single-")
     (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1, model_overrides + ("parallel.sp_method=ulysses",),
                           config)
+    shutil.rmtree(out)
     return curves
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_gives_single_process_loss_curve(layout, debug_shards, tmp_path_factory):
+def test_layout_gives_single_process_loss_curve(layout, short_doc_shards, tmp_path_factory):
     dp, tp, sp, extra = LAYOUTS[layout]
     model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
-    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), model_overrides)
-    per_rank = run_ranks(_train_curves, dp * tp * sp, str(debug_shards), str(tmp_path_factory.mktemp(layout)),
+    single = _single_process(str(short_doc_shards), model_overrides)
+    if model_overrides:  # the override must change the function, or this layout proves nothing new
+        assert single["loss"] != _single_process(str(short_doc_shards), ())["loss"]
+    per_rank = run_ranks(_train_curves, dp * tp * sp, str(short_doc_shards), str(tmp_path_factory.mktemp(layout)),
                          dp, tp, sp, extra)
     assert len(single["loss"]) == STEPS
     assert single["loss"][-1] < single["loss"][0] - 0.5  # it trains, so the curve means something
@@ -73,9 +82,9 @@ def test_layout_gives_single_process_loss_curve(layout, debug_shards, tmp_path_f
     assert all(curves == per_rank[0] for curves in per_rank)  # every rank logs the same global numbers
 
 
-def test_bf16_under_sequence_parallelism_follows_the_fp32_curve(debug_shards, tmp_path_factory):
-    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), ())
-    (bf16, _) = run_ranks(_train_curves, 2, str(debug_shards), str(tmp_path_factory.mktemp("bf16")), 1, 1, 2,
+def test_bf16_under_sequence_parallelism_follows_the_fp32_curve(short_doc_shards, tmp_path_factory):
+    single = _single_process(str(short_doc_shards), ())
+    (bf16, _) = run_ranks(_train_curves, 2, str(short_doc_shards), str(tmp_path_factory.mktemp("bf16")), 1, 1, 2,
                           ("train.precision=bf16",))
     # bf16 weights and activations (fp32 loss) round at ~4e-3 relative per op; over 10 steps the
     # curve stays within a few percent of fp32, while a broken path (no update, NaN) does not.
@@ -97,11 +106,11 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
 
 
 @pytest.mark.parametrize("layout", list(LINEAR_AND_HYBRID))
-def test_linear_and_hybrid_models_give_the_single_process_curve(layout, debug_shards, tmp_path_factory):
+def test_linear_and_hybrid_models_give_the_single_process_curve(layout, short_doc_shards, tmp_path_factory):
     config, dp, tp, sp, extra = LINEAR_AND_HYBRID[layout]
     model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
-    single = _single_process(str(debug_shards), str(tmp_path_factory.mktemp("single")), model_overrides, config)
-    per_rank = run_ranks(_train_curves, dp * tp * sp, str(debug_shards), str(tmp_path_factory.mktemp(layout)),
+    single = _single_process(str(short_doc_shards), model_overrides, config)
+    per_rank = run_ranks(_train_curves, dp * tp * sp, str(short_doc_shards), str(tmp_path_factory.mktemp(layout)),
                          dp, tp, sp, extra, config)
     assert single["loss"][-1] < single["loss"][0] - 0.3  # it trains
     for curve in ("loss", "grad_norm"):  # tolerances as above

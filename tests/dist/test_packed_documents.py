@@ -1,7 +1,12 @@
-"""With document masking, the debug model's loss on a packed window equals its documents run one by one."""
+"""With document masking, a model's loss on a packed window equals its documents run one by one.
+
+Covers softmax layers (document masks, restarted positions) and linear layers (state dropped at
+each document start), the latter with gated decay and an elu+1 feature map.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from harness import run_ranks
@@ -9,30 +14,30 @@ from harness import run_ranks
 EOS = 256
 
 
-def _packed_vs_separate() -> tuple[torch.Tensor, torch.Tensor]:
-    from ithaca.kernels.attention import attention
+def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from ithaca.data.packing import document_ids, document_positions, document_starts
     from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear
     from ithaca.models.llama import Llama, token_losses
     from ithaca.parallel.megatron_bridge import initialize_megatron, model_parallel_config
     from ithaca.parallel.mesh import build_mesh
-    from ithaca.data.packing import document_ids, document_positions
-    from functools import partial
 
-    cfg = load_config("debug-cpu", ["data.path=unused", "parallel.dp=1"])
+    cfg = load_config(config, ["data.path=unused", "parallel.dp=1", "parallel.sp=1", *overrides])
     mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, device_type="cpu")
     initialize_megatron(mesh)
     torch.manual_seed(0)
-    model = Llama(cfg.model, model_parallel_config(mesh, torch.float32), partial(attention, is_causal=True))
+    model = Llama(cfg.model, model_parallel_config(mesh, torch.float32), make_attend(mesh, "ulysses"),
+                  make_attend_linear(mesh))
     gen = torch.Generator().manual_seed(1)
     docs = [torch.cat([torch.randint(0, 256, (n,), generator=gen), torch.tensor([EOS])]) for n in (9, 1, 14)]
     window = torch.cat(docs)[None]  # [1, 27]: three documents, each ending in EOS
     tokens, labels = window[:, :-1], window[:, 1:]
     doc_ids = document_ids(tokens, EOS)
-    packed = token_losses(model(tokens, document_positions(doc_ids), doc_ids), labels)[0]
+    logits = model(tokens, document_positions(doc_ids), doc_ids, document_starts(doc_ids))
+    packed = token_losses(logits, labels)[0]
     separate = []
     for doc in docs:  # each document alone, positions from 0, no mask needed
-        t = doc[None]
-        inputs, targets = t[:, :-1], t[:, 1:]
+        inputs, targets = doc[None, :-1], doc[None, 1:]
         separate.append(token_losses(model(inputs, torch.arange(inputs.shape[1])[None]), targets)[0])
     # the packed window's label at a document's last token (EOS) is the next document's first
     # token: there is no such label when run alone, so compare the per-document parts
@@ -41,7 +46,11 @@ def _packed_vs_separate() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[:n] for p, n in zip(pieces, lengths)]), torch.cat(separate)
 
 
-def test_packed_loss_equals_documents_one_by_one():
-    ((packed, separate),) = run_ranks(_packed_vs_separate, 1)
+@pytest.mark.parametrize("config, overrides", [
+    ("debug-cpu", []),
+    ("debug-hybrid-cpu", ["model.linear_decay=gated", "model.linear_feature_map=elu1"]),
+])
+def test_packed_loss_equals_documents_one_by_one(config, overrides):
+    ((packed, separate),) = run_ranks(_packed_vs_separate, 1, config, overrides)
     # fp32, same arithmetic on shorter rows: only summation order differs
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
