@@ -1,97 +1,162 @@
-"""Packed training sequences from prep's shards, with a position that a checkpoint can hold.
+"""The training loader: packed windows from prep's shards, split over data-parallel ranks and
+dataloader workers, resumable to the exact token.
 
-The shards' documents, each followed by EOS, form one token stream that repeats by epoch.
-Window k of the stream is tokens [k*L, k*L + L + 1) (L = seq_len): L inputs and their L
-next-token labels, so labels are taken before any sequence-parallel split and no label is lost at
-a window edge. Optimizer step t uses windows [t*G, (t+1)*G) (G = global batch), dealt to
-micro-batches and data-parallel ranks in a fixed order, so every layout trains on the same
-global batches. First cut: every rank reads the stream and keeps its own windows.
+Each dp rank reads `max(workers, 1)` streams (data/split.py: which shards each stream reads),
+one per dataloader worker, and a stream is a weighted mixture of the run's datasets
+(data/mixture.py), each packed into windows (data/stream.py). A micro-batch is `micro_batch`
+windows of one stream; torch's DataLoader takes micro-batch j from worker j % workers, so the
+step's micro-batches come from the rank's streams in turn. The global batches therefore depend
+on dp x workers (the stream count), not on tensor or sequence parallelism: layouts with the same
+stream count train on the same batches.
+
+The loader's state is what the main process has consumed: the micro-batch count and, per
+stream, the position after its last consumed micro-batch. Prefetched micro-batches are not in
+it, so a resumed run gets exactly the micro-batches the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ithaca.data.mixture import mixture_choices
+from ithaca.data.shard_reader import ShardError
 from ithaca.data.shards import Manifest, read_manifest
+from ithaca.data.stream import DatasetStream
+
+OnError = Literal["raise", "skip"]
 
 
-def _keep_all(urls):  # this first cut splits windows, not shards, across ranks
-    return urls
+@dataclass(frozen=True)
+class Source:
+    """A shard folder written by `ithaca prep` and its share of the windows in a mixture."""
+
+    path: Path
+    weight: float = 1.0
 
 
-def iter_documents(folder: Path, manifest: Manifest, first_shard: int = 0) -> Iterator[np.ndarray]:
-    """Documents' token ids in shard order, starting at shard `first_shard`."""
-    urls = [str(folder / s.name) for s in manifest.shards[first_shard:]]
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_keep_all, workersplitter=_keep_all,
-                             empty_check=False).decode()
-    for sample in dataset:
-        yield sample["tokens.npy"]
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every stream of a run shares."""
+
+    sources: tuple[Source, ...]
+    manifests: tuple[Manifest, ...]
+    seq_len: int
+    micro_batch: int
+    n_streams: int
+    seed: int
+    shuffle: bool
+    on_error: OnError
 
 
-@dataclass
-class LoaderState:
-    windows_done: int = 0
-    """Windows of the global stream consumed by finished steps."""
+def check_stream_count(path: Path, manifest: Manifest, dp: int, workers: int) -> None:
+    """Raise ValueError unless every one of the dp x max(workers, 1) streams gets a shard."""
+    n_streams = dp * max(workers, 1)
+    if len(manifest.shards) < n_streams:
+        raise ValueError(f"{path} has {len(manifest.shards)} shards, fewer than the {n_streams} data streams "
+                         f"(dp={dp} x data.workers={workers}) that each need one; prep it with a smaller "
+                         "--shard-tokens, or use fewer data.workers")
+
+
+class MixedStream:
+    """One data stream: micro-batches of windows, each window from a dataset drawn by weight."""
+
+    def __init__(self, spec: StreamSpec, stream: int, state: dict | None):
+        self.spec, self.stream = spec, stream
+        self.windows = state["windows"] if state else 0
+        self.datasets = [
+            DatasetStream(src.path, manifest, stream=stream, n_streams=spec.n_streams, seq_len=spec.seq_len,
+                          seed=spec.seed, shuffle=spec.shuffle, on_error=spec.on_error,
+                          state=state["datasets"][i] if state else None)
+            for i, (src, manifest) in enumerate(zip(spec.sources, spec.manifests))]
+
+    def next_micro_batch(self) -> np.ndarray:
+        """[micro_batch, seq_len + 1] int64."""
+        weights = [s.weight for s in self.spec.sources]
+        choices = mixture_choices(weights, self.spec.seed, self.stream, self.windows, self.spec.micro_batch)
+        rows = [self.datasets[i].next_window() for i in choices]
+        self.windows += len(rows)
+        return np.stack(rows)
+
+    def state(self) -> dict:
+        return {"windows": self.windows, "datasets": [d.state() for d in self.datasets]}
+
+
+class _RankStreams(IterableDataset):
+    """A dp rank's streams; in DataLoader worker w, the stream that worker serves."""
+
+    def __init__(self, spec: StreamSpec, dp_rank: int, streams_per_rank: int, consumed: int, states: dict):
+        self.spec, self.dp_rank, self.streams_per_rank = spec, dp_rank, streams_per_rank
+        self.consumed, self.states = consumed, states
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, dict | None, str | None]]:
+        worker = get_worker_info()
+        # The DataLoader's next micro-batch j comes from worker j % workers, and is the rank's
+        # micro-batch consumed + j, which belongs to local stream (consumed + j) % streams.
+        local = (self.consumed + (worker.id if worker else 0)) % self.streams_per_rank
+        stream = MixedStream(self.spec, self.dp_rank * self.streams_per_rank + local, self.states.get(local))
+        try:
+            while True:
+                yield torch.from_numpy(stream.next_micro_batch()), local, stream.state(), None
+        except ShardError as err:  # passed as text: a worker's exception would reach the user wrapped in a traceback
+            yield None, local, None, str(err)
 
 
 class PackedLoader:
-    """Yields, per optimizer step, this data-parallel rank's micro-batches as [micro_batch, L+1] int64."""
+    """Yields, per optimizer step, this dp rank's micro-batches as [micro_batch, seq_len + 1] int64 tensors.
 
-    def __init__(self, path: str | Path, *, seq_len: int, global_batch: int, micro_batch: int,
-                 dp: int, dp_rank: int, eos_id: int, state: LoaderState | None = None):
-        self.folder = Path(path)
-        self.manifest = read_manifest(self.folder)
-        self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
-        self.dp, self.dp_rank, self.eos_id = dp, dp_rank, eos_id
-        self.state = state or LoaderState()
-        self._windows = self._stream_windows(self.state.windows_done)
+    Raises ValueError if a dataset has fewer shards than streams (dp x workers), or if `state`
+    comes from a run with another stream count; ShardError (a ValueError) from `next_step` for an
+    unreadable shard under on_error="raise".
+    """
 
-    @property
-    def epoch_tokens(self) -> int:
-        return self.manifest.tokens + self.manifest.documents  # one EOS per document
+    def __init__(self, sources: list[Source], *, seq_len: int, micro_batch: int, grad_accum: int, dp: int,
+                 dp_rank: int, workers: int = 0, seed: int = 0, shuffle: bool = True, on_error: OnError = "raise",
+                 state: dict | None = None):
+        manifests = tuple(read_manifest(s.path) for s in sources)
+        self.streams_per_rank = max(workers, 1)
+        n_streams = dp * self.streams_per_rank
+        for source, manifest in zip(sources, manifests):
+            check_stream_count(source.path, manifest, dp, workers)
+        if state is not None and state["streams"] != n_streams:
+            raise ValueError(f"--resume: the checkpoint's data position is for {state['streams']} data streams "
+                             f"(dp x data.workers), this run has {n_streams}; resume with the same dp and "
+                             "data.workers")
+        self.spec = StreamSpec(tuple(sources), manifests, seq_len, micro_batch, n_streams, seed, shuffle, on_error)
+        self.grad_accum = grad_accum
+        self.micro_batches = state["micro_batches"] if state else 0
+        self.stream_states: dict[int, dict] = dict(state["stream_states"]) if state else {}
+        dataset = _RankStreams(self.spec, dp_rank, self.streams_per_rank, self.micro_batches, self.stream_states)
+        self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers) if workers else dataset)
 
     def next_step(self) -> list[torch.Tensor]:
-        """This rank's micro-batches for the next step; advances the state by one global batch."""
-        rows_per_micro = self.dp * self.micro_batch
+        """This rank's `grad_accum` micro-batches for the next optimizer step."""
         micro_batches = []
-        for _ in range(self.global_batch // rows_per_micro):
-            group = [next(self._windows) for _ in range(rows_per_micro)]
-            mine = group[self.dp_rank * self.micro_batch:(self.dp_rank + 1) * self.micro_batch]
-            micro_batches.append(torch.from_numpy(np.stack(mine)))
-        self.state.windows_done += self.global_batch
+        for _ in range(self.grad_accum):
+            batch, local, stream_state, error = next(self._batches)
+            if error is not None:
+                raise ShardError(error)
+            self.stream_states[local] = stream_state
+            self.micro_batches += 1
+            micro_batches.append(batch)
         return micro_batches
 
-    def _stream_windows(self, first_window: int) -> Iterator[np.ndarray]:
-        length = self.seq_len + 1
-        skip = first_window * self.seq_len % self.epoch_tokens
-        buffer = np.empty(0, dtype=np.int64)
-        for tokens in self._stream_tokens(skip):  # the stream is endless: so is this
-            buffer = np.concatenate([buffer, tokens])
-            while buffer.size >= length:
-                yield buffer[:length].copy()
-                buffer = buffer[self.seq_len:]  # windows overlap by one token: the last label
+    def state_dict(self) -> dict:
+        """The position after the micro-batches handed out so far; `state=` of a loader that continues."""
+        return {"streams": self.spec.n_streams, "micro_batches": self.micro_batches,
+                "stream_states": dict(self.stream_states)}
 
-    def _stream_tokens(self, skip: int) -> Iterator[np.ndarray]:
-        """The endless stream of document tokens + EOS, starting `skip` tokens into an epoch."""
-        eos = np.array([self.eos_id], dtype=np.int64)
-        first_shard = 0
-        for shard in self.manifest.shards:  # skip whole shards by their manifest counts
-            size = shard.tokens + shard.documents
-            if skip < size:
-                break
-            skip, first_shard = skip - size, first_shard + 1
-        while True:
-            for doc in iter_documents(self.folder, self.manifest, first_shard):
-                tokens = np.concatenate([doc.astype(np.int64), eos])
-                if skip >= tokens.size:
-                    skip -= tokens.size
-                    continue
-                yield tokens[skip:]
-                skip = 0
-            first_shard = 0
+    @property
+    def skipped_shards(self) -> int:
+        """Unreadable shards this rank's streams have passed over (on_error="skip")."""
+        return sum(d["skipped"] for s in self.stream_states.values() for d in s["datasets"])
+
+    @property
+    def epoch(self) -> int:
+        """The first dataset's epoch in the most advanced of this rank's streams."""
+        return max((s["datasets"][0]["cursor"][0] for s in self.stream_states.values()), default=0)

@@ -1,128 +1,125 @@
-"""`ithaca prep`: text/JSONL -> webdataset shards of token ids + manifest.json, all or nothing.
+"""`ithaca prep`: text/JSONL -> webdataset shards of token ids + manifest.json.
 
-Shards are written into a temporary sibling folder that is renamed into place only once the
-manifest is complete, so an interrupted prep leaves no folder that training could mistake for data.
+Documents are read in input order by this process and tokenized by a pool of worker processes
+(a bounded number of batches in flight, so memory stays flat whatever the input size); shards
+are written in order. Work happens in a hidden sibling folder `.<output>.partial` that becomes
+`<output>` only once the manifest is written, so training never sees half a dataset; an
+interrupted prep keeps its finished shards there and the same command continues after them.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
+import multiprocessing
 import shutil
-import sysconfig
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 
-from ithaca.data.shards import MANIFEST, Manifest, ShardInfo
+from ithaca.data.inputs import Document, InputPosition, read_documents
+from ithaca.data.shard_writer import JOURNAL, Journal, ShardWriter
+from ithaca.data.shards import MANIFEST, Manifest
 from ithaca.data.tokenizer import Tokenizer
 from ithaca.log import get_logger
 
 log = get_logger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl")
-
-
-def default_inputs() -> list[Path]:
-    """Real text present on every machine: the Python standard library's top-level modules."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-
-
-def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """Files as given; folders become their text files (recursively, sorted)."""
-    files: list[Path] = []
-    for path in map(Path, inputs):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and _plain_suffix(p) in TEXT_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"--input={str(path)!r}: no such file or folder")
-    return files
-
-
-def _plain_suffix(path: Path) -> str:
-    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-
-
-def read_documents(files: Iterable[Path], field: str = "text") -> Iterator[str]:
-    """One document per text file, or one per line of a .jsonl file (its `field`)."""
-    for path in files:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            if _plain_suffix(path) == ".jsonl":
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _json_field(line, field, path, line_no)
-            else:
-                yield f.read()
-
-
-def _json_field(line: str, field: str, path: Path, line_no: int) -> str:
-    try:
-        value = json.loads(line)[field]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path}:{line_no}: not a JSON object with a string field {field!r}") from None
-    if not isinstance(value, str):
-        raise ValueError(f"{path}:{line_no}: field {field!r} is not a string")
-    return value
+BATCH_BYTES = 1 << 20
+"""Text per task sent to a tokenizer worker: large enough to hide the pickling, small enough to stream."""
 
 
 def prep(files: list[Path], output: Path, tokenizer: Tokenizer, *, shard_tokens: int = 1 << 22,
-         field: str = "text") -> Manifest:
+         field: str = "text", workers: int = 1, progress: bool = False) -> Manifest:
     """Tokenize every document of `files` into shards of about `shard_tokens` tokens under `output`.
 
+    `workers` > 1 tokenizes in that many processes; `progress` shows a bar on a terminal.
     Raises ValueError when `output` already holds files or the input has no tokens.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output={str(output)!r}: folder exists and is not empty; choose a new one or remove it")
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    journal = Journal.resume_or_start(staging, _fingerprint(files, tokenizer, shard_tokens, field))
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    writer = ShardWriter(staging, journal, shard_tokens=shard_tokens, dtype=dtype)
+    docs = read_documents(files, field, journal.next_position)
     try:
-        shards = _write_shards(read_documents(files, field), staging, tokenizer, dtype, shard_tokens)
-        manifest = Manifest(tokenizer=tokenizer.identity(), shards=shards)
-        if manifest.tokens == 0:
-            raise ValueError(f"--input: {len(files)} file(s) hold no text to tokenize; give non-empty input")
-        (staging / MANIFEST).write_text(manifest.to_json())
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with _progress_bar(files, journal.next_position, progress) as bar:
+            for doc, ids in _tokenized(docs, tokenizer, workers):
+                writer.add(ids, doc.position)
+                bar.update(doc.bytes_read - bar.n)
+        manifest = Manifest(tokenizer=tokenizer.identity(), shards=writer.finish())
+    except KeyboardInterrupt:
+        log.info(f"prep: interrupted; {len(journal.shards)} finished shards kept in {staging}; "
+                 "run the same command to continue")
         raise
+    if manifest.tokens == 0:
+        shutil.rmtree(staging)
+        raise ValueError(f"--input: {len(files)} file(s) hold no text to tokenize; give non-empty input")
+    (staging / MANIFEST).write_text(manifest.to_json())
+    (staging / JOURNAL).unlink(missing_ok=True)  # written only when a shard closed before the last
+    if output.exists():
+        output.rmdir()  # empty (checked above)
+    staging.rename(output)
     return manifest
 
 
-def _write_shards(docs: Iterable[str], folder: Path, tokenizer: Tokenizer, dtype: type,
-                  shard_tokens: int) -> list[ShardInfo]:
-    shards: list[ShardInfo] = []
-    writer, name, n_docs, n_tokens = None, "", 0, 0
+def _fingerprint(files: list[Path], tokenizer: Tokenizer, shard_tokens: int, field: str) -> str:
+    """What makes two preps the same: the inputs (path, size, mtime), tokenizer and options."""
+    inputs = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    spec = {"inputs": inputs, "tokenizer": tokenizer.identity(), "shard_tokens": shard_tokens, "field": field}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
-    def close() -> None:
-        writer.close()
-        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        shards.append(ShardInfo(name=name, documents=n_docs, tokens=n_tokens, sha256=digest))
-        log.info(f"prep: wrote {name} documents={n_docs} tokens={n_tokens}")
 
-    doc_index = 0
-    for text in docs:
-        ids = tokenizer.encode(text)
-        if ids.size == 0:
-            continue
-        if writer is None:
-            name = f"shard-{len(shards):06d}.tar"
-            writer, n_docs, n_tokens = wds.TarWriter(str(folder / name)), 0, 0
-        writer.write({"__key__": f"{doc_index:09d}", "tokens.npy": ids.astype(dtype)})
-        doc_index, n_docs, n_tokens = doc_index + 1, n_docs + 1, n_tokens + ids.size
-        if n_tokens >= shard_tokens:
-            close()
-            writer = None
-    if writer is not None:
-        close()
-    return shards
+def _progress_bar(files: list[Path], start: InputPosition, enabled: bool):
+    from tqdm import tqdm
+
+    done = sum(f.stat().st_size for f in files[:start.file])
+    return tqdm(total=sum(f.stat().st_size for f in files), initial=done, unit="B", unit_scale=True,
+                desc="prep", disable=None if enabled else True)  # None: only on a terminal
+
+
+def _tokenized(docs: Iterator[Document], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[Document, np.ndarray]]:
+    """(document without its text, token ids) in input order."""
+    batches = _batches(docs)
+    if workers <= 1:
+        for batch in batches:
+            yield from _encode_batch(batch, tokenizer)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_batch(batch: list[Document], tokenizer: Tokenizer | None = None) -> list[tuple[Document, np.ndarray]]:
+    tokenizer = tokenizer or _worker_tokenizer
+    return [(Document(d.position, "", d.bytes_read), tokenizer.encode(d.text)) for d in batch]

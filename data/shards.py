@@ -42,7 +42,7 @@ class Manifest:
 
 
 def read_manifest(folder: str | Path) -> Manifest:
-    """Read and check a shard folder's manifest; raises ValueError naming what is missing."""
+    """Read and check a shard folder's manifest (not its shards); raises ValueError naming what is wrong."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -60,8 +60,9 @@ def read_manifest(folder: str | Path) -> Manifest:
                          "re-run `ithaca prep`") from None
     if not manifest.shards or manifest.tokens == 0:
         raise ValueError(f"data.path={str(folder)!r}: the manifest lists no tokens; prep some input")
-    missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
-    if missing:
-        raise ValueError(f"data.path={str(folder)!r}: shard {missing[0]} is missing "
-                         f"({len(missing)} of {len(manifest.shards)}); re-run `ithaca prep`")
     return manifest
+
+
+def missing_shards(folder: str | Path, manifest: Manifest) -> list[str]:
+    """Names of the manifest's shards that are not files in `folder`."""
+    return [s.name for s in manifest.shards if not (Path(folder) / s.name).is_file()]

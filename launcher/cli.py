@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ithaca.launcher.config import ConfigError
 
-USAGE_ERROR, FAILURE = 2, 1
+USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--output", required=True, type=Path, help="new folder for the shards and manifest.json")
     prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
     prep.add_argument("--field", default="text", help="the JSONL field that holds the text (default: text)")
-    prep.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard (default: 4Mi)")
+    prep.add_argument("--shard-tokens", type=int, default=1 << 22,
+                      help="tokens per shard (default: 4Mi); a run needs at least dp x data.workers shards")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="tokenizer processes (default: one per CPU)")
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True, help="a YAML path, or a shipped config name (e.g. debug-cpu)")
@@ -54,19 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"ithaca: {err}", file=sys.stderr)
         return FAILURE
+    except KeyboardInterrupt:
+        print("ithaca: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _prep(args: argparse.Namespace) -> int:
-    from ithaca.data.prep import default_inputs, expand_inputs, prep
+    from ithaca.data.inputs import default_inputs, expand_inputs
+    from ithaca.data.prep import prep
     from ithaca.data.tokenizer import load_tokenizer
 
     if args.shard_tokens < 1:
         raise ConfigError("--shard-tokens", args.shard_tokens, "use 1 or more")
+    if args.workers < 1:
+        raise ConfigError("--workers", args.workers, "use 1 or more")
     tokenizer = load_tokenizer(args.tokenizer)
     files = expand_inputs(args.input) if args.input else default_inputs()
     if not files:
         raise ValueError(f"--input: no text files found in {', '.join(map(str, args.input))}")
-    manifest = prep(files, args.output, tokenizer, shard_tokens=args.shard_tokens, field=args.field)
+    manifest = prep(files, args.output, tokenizer, shard_tokens=args.shard_tokens, field=args.field,
+                    workers=args.workers, progress=True)
     print(f"wrote {len(manifest.shards)} shards, {manifest.documents} documents, {manifest.tokens} tokens "
           f"to {args.output}")
     return 0

@@ -68,17 +68,42 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    path: str
-    """Folder of shards written by `ithaca prep` (holds manifest.json)."""
+    path: str | None = None
+    """Folder of shards written by `ithaca prep` (holds manifest.json); or give `mixture`."""
+    mixture: dict[str, float] | None = None
+    """Several shard folders and their weights, e.g. {runs/web: 0.7, runs/code: 0.3}: each
+    sequence comes from one folder, drawn with these odds. Replaces `path`."""
     seq_len: int = 128
     """Tokens per training sequence; documents are packed end to end with EOS between them."""
     document_mask: bool = True
     """Attention stays inside each packed document and positions restart at each; false treats
     the whole window as one sequence."""
+    workers: int = 1
+    """Dataloader worker processes per data-parallel rank (0: read in the training process). The
+    data is read as dp x max(workers, 1) streams, which needs at least that many shards; runs with
+    the same stream count see the same batches."""
+    shuffle: bool = True
+    """Shuffle shards and the documents inside them, anew each epoch, from train.seed."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """An unreadable shard (missing, corrupt, truncated) stops the run naming the file (raise), or
+    is passed over and counted in the log and MLflow's data_skipped_shards (skip)."""
+    tokenizer: str | None = None
+    """'byte' or a tokenizer.json path: when given, the run refuses shards prepped with another."""
 
     def __post_init__(self) -> None:
+        if (self.path is None) == (self.mixture is None):
+            raise ConfigError("data.path", self.path, "give either data.path or data.mixture (not both)")
+        if self.mixture is not None and (not self.mixture or min(self.mixture.values()) <= 0):
+            raise ConfigError("data.mixture", self.mixture, "give one or more folders, each with a weight > 0")
         if self.seq_len < 2:
             raise ConfigError("data.seq_len", self.seq_len, "use at least 2 tokens per sequence")
+        if self.workers < 0:
+            raise ConfigError("data.workers", self.workers, "use 0 (read in the training process) or more")
+
+    @property
+    def sources(self) -> dict[str, float]:
+        """Shard folder -> weight."""
+        return self.mixture if self.mixture is not None else {self.path: 1.0}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """YAML (+ `--set section.key=value` overrides) -> `RunConfig`, with the checks a typo needs.
 
 Unknown keys are refused with the closest known name; values are checked against the field's
-type (int, float, str, bool, `Literal[...]`, `X | None`); a section's own `ValueError` is
+type (int, float, str, bool, `Literal[...]`, `X | None`, `dict[K, V]`); a section's own `ValueError` is
 reported with the section's name.
 """
 
@@ -100,6 +100,11 @@ def convert(hint: Any, value: Any, name: str) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return convert(inner, value, name)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(name, value, f"expected a mapping of {key_type.__name__} to {value_type.__name__}")
+        return {convert(key_type, k, name): convert(value_type, v, f"{name}.{k}") for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

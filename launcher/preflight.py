@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from ithaca.data.shards import read_manifest
+from pathlib import Path
+
+from ithaca.data.loader import check_stream_count
+from ithaca.data.shards import Manifest, missing_shards, read_manifest
+from ithaca.data.tokenizer import load_tokenizer
 from ithaca.launcher.checkpoint import resolve_checkpoint
-from ithaca.launcher.config import ConfigError, RunConfig
+from ithaca.launcher.config import ConfigError, DataConfig, RunConfig
 
 
 def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> None:
@@ -12,11 +16,44 @@ def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> Non
     cfg.check_world(world_size)
     if resume is not None:
         resolve_checkpoint(cfg.checkpoint_dir, resume)
-    try:
-        manifest = read_manifest(cfg.data.path)
-    except ValueError as err:
-        raise ConfigError("data.path", cfg.data.path, str(err).partition(": ")[2]) from None
-    vocab = manifest.tokenizer["vocab_size"]
+    manifests = check_data(cfg.data, cfg.parallel.dp)
+    vocab = manifests[0].tokenizer["vocab_size"]
     if cfg.model.vocab_size < vocab:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"the shards' tokenizer has {vocab} ids; use at least {vocab}")
+
+
+def check_data(data: DataConfig, dp: int) -> list[Manifest]:
+    """Every dataset's manifest, once each is readable, complete (under on_error: raise), split
+    into enough shards for the run's streams, and prepped with the one expected tokenizer."""
+    key = "data.path" if data.path is not None else "data.mixture"
+    manifests = []
+    for path in data.sources:
+        try:
+            manifest = read_manifest(path)
+        except ValueError as err:  # its message starts with "data.path=...: "
+            raise ConfigError(key, path, str(err).partition(": ")[2]) from None
+        try:
+            check_stream_count(Path(path), manifest, dp, data.workers)
+        except ValueError as err:
+            raise ConfigError("data.workers", data.workers, str(err)) from None
+        missing = missing_shards(path, manifest)
+        if missing and data.on_error == "raise":
+            raise ConfigError(key, path, f"shard {missing[0]} is missing ({len(missing)} of {len(manifest.shards)}); "
+                                         "restore it or re-run `ithaca prep`, or set data.on_error: skip")
+        manifests.append(manifest)
+    expected = manifests[0].tokenizer if data.tokenizer is None else _identity(data.tokenizer)
+    for path, manifest in zip(data.sources, manifests):
+        if manifest.tokenizer != expected:
+            field = "data.tokenizer" if data.tokenizer is not None else key
+            raise ConfigError(field, data.tokenizer or path,
+                              f"{path} was prepped with tokenizer {manifest.tokenizer}, not {expected}; "
+                              "train on shards prepped with one tokenizer (re-run `ithaca prep --tokenizer ...`)")
+    return manifests
+
+
+def _identity(spec: str) -> dict:
+    try:
+        return load_tokenizer(spec).identity()
+    except ValueError as err:
+        raise ConfigError("data.tokenizer", spec, str(err).partition(": ")[2]) from None

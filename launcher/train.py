@@ -9,15 +9,14 @@ averaging (÷ dp over the dp x sp reduction, ÷ micro-batches) leaves exactly th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from ithaca.data.loader import LoaderState, PackedLoader
-from ithaca.data.shards import read_manifest
+from ithaca.data.loader import PackedLoader, Source
 from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
@@ -81,16 +80,14 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
                   make_attend_linear(mesh), tp_rank=mesh.rank("tp"))
     engine = build_engine(cfg, model, mesh)
 
-    step, state, run_id = 0, LoaderState(), None
+    step, loader_states, run_id = 0, None, None
     if resume is not None:
         path = resolve_checkpoint(cfg.checkpoint_dir, resume)
         client = load_checkpoint(engine, path)
-        step, state, run_id = client["step"], LoaderState(**client["loader"]), client["mlflow_run_id"]
+        step, loader_states, run_id = client["step"], client["loader"], client["mlflow_run_id"]
         log.info(f"resumed from {path} at step={step}")
-    eos_id = read_manifest(cfg.data.path).tokenizer["eos_id"]
-    loader = PackedLoader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch,
-                          micro_batch=cfg.train.micro_batch, dp=mesh.dp, dp_rank=mesh.rank("dp"),
-                          eos_id=eos_id, state=state)
+    loader = build_loader(cfg, mesh, loader_states)
+    eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
     mask_eos = eos_id if cfg.data.document_mask else None
     tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
     records, ok = [], False
@@ -107,13 +104,13 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.info(f"step={step} loss={loss:.4f} lr={record.lr:.3e} grad_norm={record.grad_norm:.3f} "
                          f"tok_s={tokens / seconds:.0f} s_step={seconds:.3f}")
+            data_metrics = _data_metrics(cfg, loader, mesh, ctx.device, step)
             if tracker:
                 tracker.log_step(step, {"loss": loss, "lr": record.lr, "grad_norm": record.grad_norm,
-                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds,
-                                        "tokens_seen": loader.state.windows_done * cfg.data.seq_len})
+                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds, **data_metrics})
             every = cfg.checkpoint.every
             if step == cfg.train.steps or (every and step % every == 0):
-                client = {"step": step, "loader": asdict(loader.state),
+                client = {"step": step, "loader": _gather_loader_states(loader, mesh),
                           "mlflow_run_id": tracker.run_id if tracker else None}
                 path = save_checkpoint(engine, cfg.checkpoint_dir, step, client)
                 log.info(f"checkpoint step={step} path={path}")
@@ -122,3 +119,32 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         if tracker:
             tracker.finish(ok)
     return records
+
+
+def build_loader(cfg: RunConfig, mesh: ParallelMesh, states: list[dict] | None) -> PackedLoader:
+    """This rank's loader; `states` (one per dp rank, from a checkpoint) continues where they stopped."""
+    d, dp_rank = cfg.data, mesh.rank("dp")
+    if states is not None and len(states) != mesh.dp:
+        raise ValueError(f"--resume: the checkpoint holds data positions for dp={len(states)}, this run has "
+                         f"dp={mesh.dp}; resume with the same dp")
+    return PackedLoader([Source(Path(p), w) for p, w in d.sources.items()], seq_len=d.seq_len,
+                        micro_batch=cfg.train.micro_batch, grad_accum=cfg.grad_accum_steps, dp=mesh.dp,
+                        dp_rank=dp_rank, workers=d.workers, seed=cfg.train.seed, shuffle=d.shuffle,
+                        on_error=d.on_error, state=None if states is None else states[dp_rank])
+
+
+def _gather_loader_states(loader: PackedLoader, mesh: ParallelMesh) -> list[dict]:
+    """Every dp rank's loader position (tp and sp ranks of a replica hold the same one)."""
+    states = [None] * mesh.dp
+    dist.all_gather_object(states, loader.state_dict(), group=mesh.group("dp"))
+    return states
+
+
+def _data_metrics(cfg: RunConfig, loader: PackedLoader, mesh: ParallelMesh, device: torch.device,
+                  step: int) -> dict[str, float]:
+    metrics = {"tokens_seen": step * cfg.train.global_batch * cfg.data.seq_len, "data_epoch": loader.epoch}
+    if cfg.data.on_error == "skip":  # a collective on every rank, only when there can be something to count
+        skipped = torch.tensor([loader.skipped_shards], dtype=torch.float64, device=device)
+        dist.all_reduce(skipped, group=mesh.group("dp"))
+        metrics["data_skipped_shards"] = skipped.item()
+    return metrics

@@ -36,10 +36,10 @@ def short_doc_shards(tmp_path_factory) -> Path:
     import json
 
     from ithaca.data import ByteTokenizer, prep
-    from ithaca.data.prep import default_inputs
+    from ithaca.data.inputs import default_inputs
 
     root = tmp_path_factory.mktemp("short-docs")
     paragraphs = [p for f in default_inputs()[:4] for p in f.read_text().split("\n\n") if p.strip()]
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-    prep([root / "docs.jsonl"], root / "shards", ByteTokenizer(), shard_tokens=20_000)
+    prep([root / "docs.jsonl"], root / "shards", ByteTokenizer(), shard_tokens=4_000)  # several shards: one per data stream at least
     return root / "shards"

@@ -3,7 +3,9 @@
 The data are short documents, so every window holds several: document masks, restarted
 positions and linear-attention resets are exercised in every layout.
 
-Same seed and same global batches in every layout; weights are drawn whole and then split, so
+Same seed and same global batches in every layout (the loader's batches depend on its stream count,
+dp x data.workers, so a dp2 layout is compared with one process reading 2 streams); weights are
+drawn whole and then split, so
 1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function, and so do
 ring attention (zigzag layout) and USP (2 Ulysses x 2 ring). With 4 heads and 2 kv heads,
 tp2 x sp2 leaves one kv head per tp rank and repeats it over the sp ranks.
@@ -47,16 +49,18 @@ def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[s
     cfg = load_config(config, [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", f"train.steps={STEPS}",
         "train.global_batch=4", "train.micro_batch=1", "train.log_every=100", "checkpoint.every=1000",
-        f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.sp={sp}", *extra])
+        f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.sp={sp}", "data.workers=1", *extra])
     records = run_training(cfg)
     return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
 
 
 @functools.cache  # keyed on what defines the run, so each baseline trains once per session
-def _single_process(data: str, model_overrides: tuple[str, ...], config: str = "debug-cpu") -> dict[str, list[float]]:
+def _single_process(data: str, model_overrides: tuple[str, ...], config: str = "debug-cpu",
+                    streams: int = 1) -> dict[str, list[float]]:
+    """The 1-process run reading `streams` data streams (= the layout's dp, each layout reading one per rank)."""
     out = tempfile.mkdtemp(prefix="ithaca-single-")
-    (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1, model_overrides + ("parallel.sp_method=ulysses",),
-                          config)
+    (curves,) = run_ranks(_train_curves, 1, data, out, 1, 1, 1,
+                          model_overrides + ("parallel.sp_method=ulysses", f"data.workers={streams}"), config)
     shutil.rmtree(out)
     return curves
 
@@ -65,7 +69,7 @@ def _single_process(data: str, model_overrides: tuple[str, ...], config: str = "
 def test_layout_gives_single_process_loss_curve(layout, short_doc_shards, tmp_path_factory):
     dp, tp, sp, extra = LAYOUTS[layout]
     model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
-    single = _single_process(str(short_doc_shards), model_overrides)
+    single = _single_process(str(short_doc_shards), model_overrides, streams=dp)
     if model_overrides:  # the override must change the function, or this layout proves nothing new
         assert single["loss"] != _single_process(str(short_doc_shards), ())["loss"]
     per_rank = run_ranks(_train_curves, dp * tp * sp, str(short_doc_shards), str(tmp_path_factory.mktemp(layout)),

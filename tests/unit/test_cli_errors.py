@@ -69,3 +69,41 @@ def test_prep_refuses_a_non_empty_output_and_a_missing_input(capsys, tmp_path):
     assert "not empty" in capsys.readouterr().err and (tmp_path / "out" / "keep").read_text() == "mine"
     assert main(["prep", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    from ithaca.data import ByteTokenizer, prep
+
+    (tmp_path / "doc.txt").write_text("some text to train on\n" * 200)
+    (tmp_path / "more.txt").write_text("more text\n" * 300)
+    prep([tmp_path / "doc.txt", tmp_path / "more.txt"], tmp_path / "shards", ByteTokenizer(), shard_tokens=1000)
+    return tmp_path / "shards"
+
+
+def test_shards_of_another_tokenizer_are_refused(capsys, tmp_path, small_shards):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")).save(str(tmp_path / "tok.json"))
+    code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}", "--set", f"data.tokenizer={tmp_path / 'tok.json'}")
+    assert code == 2 and "data.tokenizer=" in err and "was prepped with tokenizer {'kind': 'byte'" in err
+    code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}", "--set", "data.tokenizer=byte",
+                      "--set", "model.vocab_size=256")
+    assert "data.tokenizer" not in err and "model.vocab_size=256" in err  # the right one passes, on to the next check
+
+
+def test_a_missing_shard_is_named_before_any_process_starts(capsys, tmp_path, small_shards):
+    (small_shards / "shard-000001.tar").unlink()
+    code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}")
+    assert code == 2 and "shard shard-000001.tar is missing" in err and "data.on_error: skip" in err
+
+
+def test_more_data_streams_than_shards(capsys, tmp_path, small_shards):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}", "--set", "data.workers=8")
+    assert code == 2 and "data.workers=8: " in err and "fewer than the 16 data streams" in err
+
+
+def test_a_mixture_and_a_path_together(capsys, tmp_path, small_shards):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}",
+                      "--set", f"data.mixture={{{small_shards}: 1.0}}")
+    assert code == 2 and "give either data.path or data.mixture" in err
