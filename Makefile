@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 runs/debug-data/manifest.json: $(STAMP)
-	$(BIN)/ithaca prep --output runs/debug-data
+	$(BIN)/ithaca prep --output runs/debug-data --shard-tokens 1000000
 
 demo: runs/debug-data/manifest.json
 	$(BIN)/ithaca train --config configs/debug-cpu.yaml
