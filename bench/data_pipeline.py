@@ -25,6 +25,19 @@ import time
 from pathlib import Path
 
 
+def _train_bpe(files: list[Path], out: Path) -> str:
+    """A 4096-token byte-level BPE trained on the input: a realistic tokenizer cost without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"])
+    tok.train([str(f) for f in files if f.suffix != ".gz"], trainer)
+    tok.save(str(out))
+    return str(out)
+
+
 def _prep_rate(files: list[Path], tokenizer_spec: str, workers: int, out: Path) -> tuple[float, int]:
     """(MB of input per second, shard count)."""
     from ithaca.data import load_tokenizer, prep
@@ -50,6 +63,7 @@ def _loader_rate(cfg, data: Path, workers: int, steps: int) -> float:
 
 def _training_rate(config: str, data: Path, steps: int, out: Path) -> tuple[float, object]:
     """(tokens/s of one training process, its config), median over the steps after two warm-up steps."""
+    from ithaca.data import read_manifest
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.train import run_training
 
@@ -57,7 +71,9 @@ def _training_rate(config: str, data: Path, steps: int, out: Path) -> tuple[floa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = load_config(config, [f"data.path={data}", "parallel.dp=1", "parallel.tp=1", "parallel.sp=1",
+    vocab = -(-read_manifest(data).tokenizer["vocab_size"] // 64) * 64  # the tokenizer's ids, padded as configs do
+    cfg = load_config(config, [f"data.path={data}", f"model.vocab_size={max(vocab, load_config(config).model.vocab_size)}",
+                               "parallel.dp=1", "parallel.tp=1", "parallel.sp=1",
                                f"train.steps={steps + 2}", f"train.output_dir={out}", "train.log_every=1000",
                                f"checkpoint.dir={out / 'ckpt'}", "checkpoint.every=100000"])
     records = run_training(cfg)
@@ -69,7 +85,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", default="debug-cpu", help="the training config whose step is the yardstick")
     parser.add_argument("--input", nargs="+", type=Path, help="text/JSONL to prep (default: the standard library)")
-    parser.add_argument("--tokenizer", default="byte")
+    parser.add_argument("--tokenizer", default="bpe",
+                        help="'bpe' (a 4096-token BPE trained on the input first), 'byte', or a tokenizer.json")
     parser.add_argument("--prep-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps", type=int, default=10, help="training steps timed (loader: 20x as many)")
     args = parser.parse_args()
@@ -88,8 +105,9 @@ def main() -> None:
           f"tokenizer={args.tokenizer} input={sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} files")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        one, shards = _prep_rate(files, args.tokenizer, 1, tmp / "prep1")
-        many, _ = _prep_rate(files, args.tokenizer, args.prep_workers, tmp / "prepN")
+        tokenizer = _train_bpe(files, tmp / "bpe.json") if args.tokenizer == "bpe" else args.tokenizer
+        one, shards = _prep_rate(files, tokenizer, 1, tmp / "prep1")
+        many, _ = _prep_rate(files, tokenizer, args.prep_workers, tmp / "prepN")
         print("\n| stage | setting | rate | ratio |\n|---|---|---|---|")
         print(f"| prep | 1 process | {one:.1f} MB/s | 1.00 |")
         print(f"| prep | {args.prep_workers} processes | {many:.1f} MB/s | {many / one:.2f} |")

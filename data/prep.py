@@ -89,7 +89,7 @@ def _tokenized(docs: Iterator[Document], tokenizer: Tokenizer, workers: int) -> 
         for batch in batches:
             yield from _encode_batch(batch, tokenizer)
         return
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    context = multiprocessing.get_context("fork")  # workers start in milliseconds; spawn re-imports torch in each
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending = deque()
         for batch in batches:
