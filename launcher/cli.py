@@ -40,7 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.steps=20")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                       help="continue from the latest checkpoint, or from the checkpoint folder given")
+                       help="continue from the latest checkpoint, or from the checkpoint folder given; "
+                            "'auto': from the latest if there is one, else start (what SLURM jobs use)")
+    submit = sub.add_parser("submit", help="submit a training run to SLURM (sbatch)")
+    submit.add_argument("--config", required=True, help="a YAML path, or a shipped config name")
+    submit.add_argument("--nodes", type=int, required=True)
+    submit.add_argument("--gpus-per-node", type=int, required=True, help="0 runs CPU processes (gloo)")
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--time", help="time limit, e.g. 04:00:00")
+    submit.add_argument("--qos")
+    submit.add_argument("--signal-grace", type=int, default=120,
+                        help="seconds before the time limit to checkpoint and requeue (default: 120)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable)")
+    submit.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     return parser
 
 
@@ -50,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prep":
             return _prep(args)
+        if args.command == "submit":
+            return _submit(args)
         return _train(args, argv)
     except ConfigError as err:
         print(f"ithaca: config error: {err}", file=sys.stderr)
@@ -89,6 +105,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ithaca.launcher.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
+    if args.resume == "auto":
+        from ithaca.launcher.checkpoint import LATEST
+
+        args.resume = LATEST if (cfg.checkpoint_dir / LATEST).is_file() else None
     if not launched_by_torchrun():
         nproc = args.nproc or cfg.parallel.world_size
         preflight(cfg, nproc, args.resume)
@@ -97,6 +117,24 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ithaca.launcher.train import run_training
 
     run_training(cfg, resume=args.resume)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from ithaca.launcher.config_load import load_config, resolve_config_path
+    from ithaca.launcher.preflight import preflight
+    from ithaca.launcher.submit import SlurmJob, render, submit
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                   account=args.account, time=args.time, qos=args.qos, signal_grace=args.signal_grace)
+    cfg = load_config(args.config, args.overrides)
+    script = render(cfg, job, f"ithaca-{resolve_config_path(args.config).stem}")
+    preflight(cfg, cfg.parallel.world_size)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job_id, log_file = submit(cfg, script)
+    print(f"submitted job {job_id}; log: {log_file}")
     return 0
 
 

@@ -56,5 +56,6 @@ class Tracker:
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self._mlflow.log_metrics(metrics, step=step)
 
-    def finish(self, ok: bool) -> None:
-        self._mlflow.end_run(status="FINISHED" if ok else "FAILED")
+    def finish(self, status: str) -> None:
+        """End the MLflow run: FINISHED, FAILED, or KILLED (stopped to be resumed, which reopens it)."""
+        self._mlflow.end_run(status=status)

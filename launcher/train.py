@@ -21,6 +21,7 @@ from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
+from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
 from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear, sequence_slice
 from ithaca.launcher.tracking import Tracker
 from ithaca.log import get_logger
@@ -71,6 +72,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
     output = Path(cfg.train.output_dir)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
+        clear_marker(output)
         (output / "config.yaml").write_text(config_yaml)
         log.info(f"resolved config:\n{config_yaml}")
 
@@ -86,12 +88,15 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         client = load_checkpoint(engine, path)
         step, loader_states, run_id = client["step"], client["loader"], client["mlflow_run_id"]
         log.info(f"resumed from {path} at step={step}")
-    loader = build_loader(cfg, mesh, loader_states)
-    eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
-    mask_eos = eos_id if cfg.data.document_mask else None
-    tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
-    records, ok = [], False
+    # Handlers first: the loader's worker processes are forked with them, so a stop signal sent to
+    # every process of the job (as SLURM does) does not kill them under the training process.
+    stopper = StopOnSignal()
+    tracker, records, status = None, [], "FAILED"
     try:
+        loader = build_loader(cfg, mesh, loader_states)
+        eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
+        mask_eos = eos_id if cfg.data.document_mask else None
+        tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
         while step < cfg.train.steps:
             step += 1
             start = time.perf_counter()
@@ -108,16 +113,23 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
             if tracker:
                 tracker.log_step(step, {"loss": loss, "lr": record.lr, "grad_norm": record.grad_norm,
                                         "tokens_per_s": tokens / seconds, "s_per_step": seconds, **data_metrics})
+            stop = stopper.agreed(ctx.device) if step < cfg.train.steps else None
             every = cfg.checkpoint.every
-            if step == cfg.train.steps or (every and step % every == 0):
+            if stop or step == cfg.train.steps or (every and step % every == 0):
                 client = {"step": step, "loader": _gather_loader_states(loader, mesh),
                           "mlflow_run_id": tracker.run_id if tracker else None}
                 path = save_checkpoint(engine, cfg.checkpoint_dir, step, client)
                 log.info(f"checkpoint step={step} path={path}")
-        ok = True
+            if stop:
+                if rank == 0:
+                    write_marker(output, step, stop)
+                log.info(f"stopped by {stop.name} at step={step} after its checkpoint; continue with --resume")
+                break
+        status = "KILLED" if step < cfg.train.steps else "FINISHED"
     finally:
+        stopper.restore()
         if tracker:
-            tracker.finish(ok)
+            tracker.finish(status)
     return records
 
 

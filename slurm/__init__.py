@@ -1,0 +1,1 @@
+"""The sbatch template that `ithaca submit` fills in (job.sbatch)."""
