@@ -94,3 +94,21 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(full_run, debug_shar
     assert sorted(resumed) == list(range(1, STEPS + 1))  # the same MLflow run continued
     # Same processes, same reduction order, state restored exactly: the curves are bit-identical.
     assert [resumed[s] for s in range(11, STEPS + 1)] == [uninterrupted[s] for s in range(11, STEPS + 1)]
+
+
+def test_two_torchrun_nodes_on_this_machine_give_the_one_node_curve(full_run, debug_shards, tmp_path):
+    """The multi-node path (what each SLURM node runs): 2 torchrun "nodes" of 1 process, c10d on localhost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=two-nodes", "-m", "ithaca", "train", *common_args(debug_shards, tmp_path),
+                               "--set", f"train.steps={STEPS}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    # 2 ranks either way; a two-term sum is the same in any order, so the curves are bit-identical
+    assert loss_history(tmp_path) == loss_history(full_run[0])
