@@ -16,6 +16,7 @@ it, so a resumed run gets exactly the micro-batches the uninterrupted one would 
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -107,6 +108,14 @@ class _RankStreams(IterableDataset):
             yield None, local, None, str(err)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Schedulers send SIGTERM/SIGUSR1 to every process of a job. The training process decides
+    when to stop (after a checkpoint); its workers must outlive the signal until it has, or
+    torch turns their death into an error in the training process."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class PackedLoader:
     """Yields, per optimizer step, this dp rank's micro-batches as [micro_batch, seq_len + 1] int64 tensors.
 
@@ -132,7 +141,8 @@ class PackedLoader:
         self.micro_batches = state["micro_batches"] if state else 0
         self.stream_states: dict[int, dict] = dict(state["stream_states"]) if state else {}
         dataset = _RankStreams(self.spec, dp_rank, self.streams_per_rank, self.micro_batches, self.stream_states)
-        self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers) if workers else dataset)
+        self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                        worker_init_fn=_ignore_stop_signals) if workers else dataset)
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's `grad_accum` micro-batches for the next optimizer step."""

@@ -117,6 +117,11 @@ def test_linear_and_hybrid_models_give_the_single_process_curve(layout, short_do
     per_rank = run_ranks(_train_curves, dp * tp * sp, str(short_doc_shards), str(tmp_path_factory.mktemp(layout)),
                          dp, tp, sp, extra, config)
     assert single["loss"][-1] < single["loss"][0] - 0.3  # it trains
-    for curve in ("loss", "grad_norm"):  # tolerances as above
-        torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=1e-4, atol=0,
+    # Loss as above. The gradient norm gets 1e-3: with retention decay, one step's grad norm was
+    # seen 1.4e-4 (sp2 x tp2) and 4e-4 (sp2) off while the losses agreed to 1e-6; the same batch at
+    # the same weights gives gradients equal to 1e-7 in every parameter, so it is AdamW amplifying
+    # the 1e-7 weight drift (near-zero gradients, normalized updates), not a wrong gradient. A
+    # wrong scale or a missing state is off by far more.
+    for curve, rtol in (("loss", 1e-4), ("grad_norm", 1e-3)):
+        torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=rtol, atol=0,
                                    msg=lambda m: f"{curve} under {layout}: {m}")

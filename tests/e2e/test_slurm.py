@@ -77,12 +77,15 @@ def test_a_preempted_job_requeues_and_resumes_on_the_uninterrupted_curve(cluster
         time.sleep(0.3)
     assert cluster.run("scancel", "--signal=USR1", job_id).returncode == 0
     deadline = time.monotonic() + 120
-    while cluster.job_field(job_id, "Restarts") != "1":
+    while not (cluster.job_field(job_id, "Restarts") == "1" and cluster.job_field(job_id, "JobState") == "PENDING"
+               and cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle"):
         assert time.monotonic() < deadline, f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}"
         time.sleep(0.3)
-    # SLURM holds a requeued job for 2 minutes (BeginTime); make it eligible now
+    # SLURM holds a requeued job for 2 minutes (BeginTime); once the node has cleaned up after the
+    # first run (starting earlier can fail the launch), make it eligible now
     cluster.run("scontrol", "update", f"jobid={job_id}", "EligibleTime=now")
-    assert cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", log.read_text()[-3000:]
+    state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    assert state == "COMPLETED", f"{cluster.job_field(job_id, 'Reason')}\n{log.read_text()[-3000:]}"
     text = log.read_text()
     stopped = int(re.search(r"stopped by SIGUSR1 at step=(\d+) after its checkpoint", text).group(1))
     assert "requeueing job" in text and "(restart 1)" in text and f"at step={stopped}" in text.split("(restart 1)")[1]

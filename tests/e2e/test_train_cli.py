@@ -112,3 +112,47 @@ def test_two_torchrun_nodes_on_this_machine_give_the_one_node_curve(full_run, de
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     # 2 ranks either way; a two-term sum is the same in any order, so the curves are bit-identical
     assert loss_history(tmp_path) == loss_history(full_run[0])
+
+
+def test_an_unreadable_shard_stops_the_run_or_is_skipped_and_counted(debug_shards, tmp_path):
+    import shutil
+
+    from ithaca.data import read_manifest
+    from ithaca.data.split import stream_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(debug_shards, shards)
+    manifest = read_manifest(shards)
+    first = manifest.shards[stream_shards(len(manifest.shards), 2, 0, epoch=0, seed=0, shuffle=True)[0]].name
+    (shards / first).write_bytes((shards / first).read_bytes()[:100_000])  # truncated: stream 0 reads it first
+    args = [*common_args(shards, tmp_path / "run"), "--nproc", "2", "--set", "train.steps=3"]
+    failed = run_cli("train", *args)
+    assert failed.returncode != 0 and f"shard {shards / first}: corrupt or truncated" in failed.stderr
+    skipped = run_cli("train", *args, "--set", "data.on_error=skip", "--set", f"train.output_dir={tmp_path / 'skip'}")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert f"data.on_error=skip: skipping shard {shards / first}" in skipped.stderr
+    client, (run,) = mlflow_runs(tmp_path / "skip")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "data_skipped_shards")] == [1.0, 1.0, 1.0]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_a_checkpoint(debug_shards, tmp_path):
+    import json
+    import signal
+
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "ithaca", "train", *common_args(debug_shards, tmp_path), "--set", "train.steps=5000",
+                            "--set", "checkpoint.every=100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    lines = []
+    for line in run.stdout:  # until training is under way
+        lines.append(line)
+        if "step=20 " in line:
+            break
+    run.send_signal(signal.SIGTERM)  # torchrun hands SIGTERM to its workers (and DataLoader workers get it too)
+    output = "".join(lines) + run.communicate(timeout=120)[0]
+    stopped = int(re.search(r"stopped by SIGTERM at step=(\d+) after its checkpoint", output).group(1))
+    assert 20 <= stopped < 5000
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    assert json.loads((tmp_path / "preempted.json").read_text()) == {"step": stopped, "signal": "SIGTERM"}
+    client, (mlflow_run,) = mlflow_runs(tmp_path)
+    assert mlflow_run.info.status == "KILLED"  # reopened by --resume

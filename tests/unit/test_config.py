@@ -12,6 +12,13 @@ def load(*overrides: str):
     return load_config("debug-cpu", list(overrides))
 
 
+def test_a_mixture_replaces_the_path():
+    cfg = load("data.path=null", "data.mixture={runs/web: 3, runs/code: 1}")
+    assert cfg.data.sources == {"runs/web": 3.0, "runs/code": 1.0}
+    with pytest.raises(ConfigError, match="data.mixture=.*weight > 0"):
+        load("data.path=null", "data.mixture={runs/web: 0}")
+
+
 def test_shipped_debug_config_loads_with_overrides():
     cfg = load("train.steps=7", "optim.lr=1e-3", "model.n_kv_heads=null")
     assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.model.kv_heads == cfg.model.n_heads
@@ -37,6 +44,10 @@ def test_shipped_debug_config_loads_with_overrides():
     ("model.layer_pattern=LLS", "model", "its length must divide n_layers=2"),
     ("model.linear_decay=cosine", "model.linear_decay", "choose one of 'plain', 'retention', 'gated'"),
     ("steps=3", "--set", "section.key=value"),
+    ("data.mixture=[a, b]", "data.mixture", "expected a mapping of str to float"),
+    ("data.mixture={a: lots}", "data.mixture.a", "expected a number"),
+    ("data.workers=-1", "data.workers", "use 0"),
+    ("data.on_error=ignore", "data.on_error", "choose one of 'raise', 'skip'"),
 ])
 def test_bad_values_name_their_field_and_fix(override, field, fix):
     with pytest.raises(ConfigError, match=rf"^{field}=.*{fix}"):
