@@ -40,7 +40,7 @@ def plain_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class InputPosition:
     """A document's place in the input: file `file` (index into the file list), document `doc` in it."""
 

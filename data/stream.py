@@ -23,7 +23,7 @@ from ithaca.log import get_logger
 log = get_logger(__name__, all_ranks=True)  # each stream reports its own skips
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Cursor:
     """The next window's first token: epoch, the stream's shard (index into its shards for that
     epoch), document (index in that shard's reading order), token offset in the document + EOS."""
