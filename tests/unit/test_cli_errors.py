@@ -107,3 +107,9 @@ def test_a_mixture_and_a_path_together(capsys, tmp_path, small_shards):
     code, err = train(capsys, tmp_path, "--set", f"data.path={small_shards}",
                       "--set", f"data.mixture={{{small_shards}: 1.0}}")
     assert code == 2 and "give either data.path or data.mixture" in err
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint(capsys, tmp_path, debug_shards):
+    # plain --resume needs a checkpoint; auto goes on to the next check (here: the world size)
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", "--resume", "auto", "--nproc", "3")
+    assert code == 2 and "no checkpoint" not in err and "must equal the world size 3" in err
