@@ -2,8 +2,8 @@
 
 Everything lives under one folder: munge's key and socket, slurm.conf, state, spool, pid and log
 files; commands find it through SLURM_CONF. Debian's slurm-wlm and munge are installed with
-apt-get when missing (root on Debian, where failing to is an error). Daemons are stopped by process id. Facts behind the choices:
-../shared/notes/slurm-one-node.md.
+apt-get when missing (root on Debian, where failing to is an error). Daemons are stopped by
+process id. Facts behind the choices: ../shared/notes/slurm-one-node.md.
 """
 
 from __future__ import annotations
