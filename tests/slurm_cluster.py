@@ -101,6 +101,11 @@ class SlurmCluster:
         self._wait_until(lambda: self.job_field(job_id, "JobState") in states, timeout, f"job {job_id} to reach {states}")
         return self.job_field(job_id, "JobState")
 
+    def daemon_logs(self, lines: int = 15) -> str:
+        """The last lines of slurmctld's and slurmd's logs, for failure messages."""
+        return "\n".join(f"--- {name}:\n" + "\n".join((self.root / name).read_text().splitlines()[-lines:])
+                         for name in ("slurmctld.log", "slurmd.log") if (self.root / name).is_file())
+
     def _check(self, command: list[str]) -> subprocess.CompletedProcess:
         done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
         if done.returncode != 0:

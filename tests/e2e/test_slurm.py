@@ -55,7 +55,8 @@ def mlflow_run(out: Path):
 def finished_job(cluster, debug_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-run")
     job_id, log = submitted_job(submit(cluster, debug_shards, out))
-    assert cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", log.read_text()[-3000:]
+    state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{log.read_text()[-3000:]}"
     return out, log
 
 
@@ -82,10 +83,13 @@ def test_a_preempted_job_requeues_and_resumes_on_the_uninterrupted_curve(cluster
         assert time.monotonic() < deadline, f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}"
         time.sleep(0.3)
     # SLURM holds a requeued job for 2 minutes (BeginTime); once the node has cleaned up after the
-    # first run (starting earlier can fail the launch), make it eligible now
-    cluster.run("scontrol", "update", f"jobid={job_id}", "EligibleTime=now")
+    # first run, make it eligible sooner, but not within the second of the requeue: slurmd revoked
+    # the first run's credential then, and refuses ("Job credential revoked") one issued in that
+    # same second, failing the job
+    assert cluster.run("scontrol", "update", f"jobid={job_id}", "EligibleTime=now+3").returncode == 0
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
-    assert state == "COMPLETED", f"{cluster.job_field(job_id, 'Reason')}\n{log.read_text()[-3000:]}"
+    reason = cluster.job_field(job_id, "Reason")
+    assert state == "COMPLETED", f"{reason}\n{cluster.daemon_logs()}\n{log.read_text()[-3000:]}"
     text = log.read_text()
     stopped = int(re.search(r"stopped by SIGUSR1 at step=(\d+) after its checkpoint", text).group(1))
     assert "requeueing job" in text and "(restart 1)" in text and f"at step={stopped}" in text.split("(restart 1)")[1]
