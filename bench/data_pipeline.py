@@ -58,7 +58,9 @@ def _loader_rate(cfg, data: Path, workers: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         loader.next_step()
-    return steps * cfg.train.global_batch * cfg.data.seq_len / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    loader.close()
+    return steps * cfg.train.global_batch * cfg.data.seq_len / seconds
 
 
 def _training_rate(config: str, data: Path, steps: int, out: Path) -> tuple[float, object]:

@@ -16,7 +16,6 @@ it, so a resumed run gets exactly the micro-batches the uninterrupted one would 
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -29,6 +28,7 @@ from ithaca.data.mixture import mixture_choices
 from ithaca.data.shard_reader import ShardError
 from ithaca.data.shards import Manifest, read_manifest
 from ithaca.data.stream import DatasetStream
+from ithaca.data.worker_lifetime import close_at_exit, forget, ignore_stop_signals
 
 OnError = Literal["raise", "skip"]
 
@@ -108,20 +108,13 @@ class _RankStreams(IterableDataset):
             yield None, local, None, str(err)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Schedulers send SIGTERM/SIGUSR1 to every process of a job. The training process decides
-    when to stop (after a checkpoint); its workers must outlive the signal until it has, or
-    torch turns their death into an error in the training process."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 class PackedLoader:
     """Yields, per optimizer step, this dp rank's micro-batches as [micro_batch, seq_len + 1] int64 tensors.
 
     Raises ValueError if a dataset has fewer shards than streams (dp x workers), or if `state`
     comes from a run with another stream count; ShardError (a ValueError) from `next_step` for an
-    unreadable shard under on_error="raise".
+    unreadable shard under on_error="raise". `close()` stops its worker processes (at exit, an
+    open loader is closed: data/worker_lifetime.py says why that matters).
     """
 
     def __init__(self, sources: list[Source], *, seq_len: int, micro_batch: int, grad_accum: int, dp: int,
@@ -141,8 +134,10 @@ class PackedLoader:
         self.micro_batches = state["micro_batches"] if state else 0
         self.stream_states: dict[int, dict] = dict(state["stream_states"]) if state else {}
         dataset = _RankStreams(self.spec, dp_rank, self.streams_per_rank, self.micro_batches, self.stream_states)
-        self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                        worker_init_fn=_ignore_stop_signals) if workers else dataset)
+        self._batches: Iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                  worker_init_fn=ignore_stop_signals) if workers else dataset)
+        if workers:
+            close_at_exit(self)
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's `grad_accum` micro-batches for the next optimizer step."""
@@ -155,6 +150,11 @@ class PackedLoader:
             self.micro_batches += 1
             micro_batches.append(batch)
         return micro_batches
+
+    def close(self) -> None:
+        """Stops the worker processes (a closed loader yields nothing more)."""
+        self._batches = iter(())  # torch's iterator, once unreferenced, tells its workers to finish
+        forget(self)
 
     def state_dict(self) -> dict:
         """The position after the micro-batches handed out so far; `state=` of a loader that continues."""

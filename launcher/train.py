@@ -91,7 +91,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
     # Handlers first: the loader's worker processes are forked with them, so a stop signal sent to
     # every process of the job (as SLURM does) does not kill them under the training process.
     stopper = StopOnSignal()
-    tracker, records, status = None, [], "FAILED"
+    loader, tracker, records, status = None, None, [], "FAILED"
     try:
         loader = build_loader(cfg, mesh, loader_states)
         eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
@@ -127,6 +127,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
                 break
         status = "KILLED" if step < cfg.train.steps else "FINISHED"
     finally:
+        if loader:
+            loader.close()
         stopper.restore()
         if tracker:
             tracker.finish(status)

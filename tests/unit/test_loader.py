@@ -4,6 +4,9 @@ deterministic shuffles, mixtures, and unreadable shards."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -188,3 +191,22 @@ def test_more_streams_than_shards_and_a_resume_with_another_stream_count_are_ref
     state = make_loader(path, dp=2, workers=1).state_dict()
     with pytest.raises(ValueError, match="checkpoint's data position is for 2 data streams"):
         make_loader(path, dp=2, workers=2, state=state)
+
+
+def test_close_stops_the_workers_and_an_open_loader_does_not_hold_up_exit(corpus):
+    """Workers ignore stop signals (a job's SIGTERM must not kill them before the checkpoint), so
+    the interpreter's exit cannot stop them by signal: an uncaught error in training once left
+    the process waiting for them forever."""
+    path, _ = corpus
+    loader = make_loader(path, workers=2)
+    loader.next_step()
+    assert len(multiprocessing.active_children()) == 2
+    loader.close()
+    assert multiprocessing.active_children() == []
+    crash = ("from pathlib import Path; from ithaca.data import PackedLoader, Source\n"
+             f"loader = PackedLoader([Source(Path({str(path)!r}))], seq_len=8, micro_batch=1, grad_accum=1, "
+             "dp=1, dp_rank=0, workers=2)\n"
+             "loader.next_step()\n"
+             "raise RuntimeError('error in training')\n")
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "RuntimeError: error in training" in done.stderr
