@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Kernel outputs start as NaN (kernels/_alloc.py), so an element a kernel never writes fails a test.
+os.environ.setdefault("ITHACA_POISON", "1")
+# Without a GPU our Triton kernels run in Triton's interpreter; with one they run compiled. Set
+# before anything imports triton (its jit decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,18 @@
-"""Softmax attention: the one dispatch between flash-attn, torch SDPA and the reference."""
+"""Softmax attention: one dispatch for whole attention (`attention`) and for the ring step
+(`attention_lse_fwd` / `attention_lse_bwd`, which return and take the log-sum-exp).
+
+Implementations; the math is in reference.py:
+  flash      flash-attn 2 (optional `gpu` extra; CUDA, fp16/bf16): no mask but causal, or (whole
+             attention only) documents through its varlen kernel
+  triton     ours (triton.py): causal, document ids, GQA, fp32/bf16; a CUDA tensor, or the CPU
+             under TRITON_INTERPRET=1
+  tiled      PyTorch tile by tile with an online softmax (tiled.py): documents, O(s) memory, any device
+  sdpa, cpu  torch's fused kernels (SDPA; its CPU flash kernel for the ring step): no document masks
+  reference  dense fp32 scores: the spec, O(s_q * s_k) memory
+"auto" picks, on CUDA, flash-attn where it applies and Triton elsewhere; off CUDA, torch's fused
+kernel without documents and the tiled form with them. No path that "auto" takes holds dense
+scores. Each call logs once which implementation runs and why.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +21,149 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ithaca.kernels._backend import flash_attn_usable
-from ithaca.kernels.attention.reference import allowed_keys, attention_reference
+from ithaca.kernels._backend import choose, flash_attn_installed, triton_runs
+from ithaca.kernels.attention.reference import (attention_lse_bwd_reference, attention_lse_fwd_reference,
+                                                attention_reference)
+from ithaca.kernels.attention.shapes import check_attention_inputs, repeat_kv_heads
+from ithaca.kernels.attention.tiled import attention_lse_bwd_tiled, attention_lse_fwd_tiled
 
-__all__ = ["allowed_keys", "attention", "attention_reference"]
+__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "attention_reference", "check_attention_inputs",
+           "repeat_kv_heads"]
+
+AttentionImpl = Literal["auto", "flash", "triton", "tiled", "sdpa", "reference"]
+LseImpl = Literal["auto", "flash", "triton", "tiled", "cpu", "reference"]
+
+
+def _auto(q: torch.Tensor, has_docs: bool, fused_fits: bool, flash_fits: bool, fused: str) -> tuple[str, str]:
+    """The best exact path: `fused_fits` says torch's fused kernel takes this call, `flash_fits` flash-attn."""
+    if q.is_cuda:
+        if flash_fits and flash_attn_installed() and q.dtype in (torch.float16, torch.bfloat16):
+            return "flash", "CUDA, flash-attn installed"
+        why = "flash-attn is not installed" if not flash_attn_installed() else \
+            "flash-attn does not take this call (dtype or document ids)"
+        return ("triton", f"CUDA; {why}") if triton_runs(q) else ("tiled", f"CUDA without triton; {why}")
+    if has_docs:
+        return "tiled", f"{q.device.type} tensor with document ids: tiled online softmax, O(s) memory"
+    if not fused_fits:
+        return "tiled", f"{q.device.type} tensor, causal with {q.shape[1]} queries over other keys: tiled"
+    return fused, f"{q.device.type} tensor without document ids: torch's fused kernel"
+
+
+def _lse_impl(op: str, q: torch.Tensor, k: torch.Tensor, is_causal: bool, q_doc_ids: torch.Tensor | None,
+              impl: str) -> str:
+    has_docs = q_doc_ids is not None
+    fused_fits = not (is_causal and q.shape[1] != k.shape[1])
+    impl = choose(op, impl, ("flash", "triton", "tiled", "cpu", "reference"), q,
+                  lambda: _auto(q, has_docs, fused_fits, not has_docs, "cpu"))
+    if impl in ("flash", "cpu") and (has_docs or not fused_fits):
+        raise ValueError(f"{op}: impl={impl!r} takes no document ids and no causal mask over other keys; "
+                         "use 'auto', 'triton', 'tiled' or 'reference'")
+    return impl
+
+
+def attention_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float,
+                      q_doc_ids: torch.Tensor | None = None, k_doc_ids: torch.Tensor | None = None,
+                      impl: LseImpl = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One ring block: q [b, s_q, h, d], k/v [b, s_k, h_kv, d] -> (out [b, s_q, h, d], lse [b, h, s_q] fp32).
+
+    Causal is aligned to the bottom right (query i reads keys j <= i + s_k - s_q). `q_doc_ids`
+    [b, s_q] and `k_doc_ids` [b, s_k] (int, given together) keep each query inside its document;
+    a query left with no key gets out 0 and lse -inf. No gradient: see attention_lse_bwd.
+    """
+    check_attention_inputs("attention_lse_fwd", q, k, v, doc_ids=q_doc_ids, kv_doc_ids=k_doc_ids)
+    impl = _lse_impl("attention_lse", q, k, is_causal, q_doc_ids, impl)
+    if impl == "flash":
+        from ithaca.kernels.attention.flash_cuda import attention_lse_fwd_flash  # optional GPU extra
+
+        return attention_lse_fwd_flash(q, k, v, is_causal=is_causal, scale=scale)
+    if impl == "cpu":
+        from ithaca.kernels.attention.cpu_flash import attention_lse_fwd_cpu
+
+        return attention_lse_fwd_cpu(q, k, v, is_causal=is_causal, scale=scale)
+    if impl == "triton":
+        from ithaca.kernels.attention.triton import attention_lse_fwd_triton  # triton is imported only when chosen
+
+        return attention_lse_fwd_triton(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
+                                        k_doc_ids=k_doc_ids)
+    fwd = attention_lse_fwd_tiled if impl == "tiled" else attention_lse_fwd_reference
+    return fwd(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
+
+
+def attention_lse_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, *, is_causal: bool, scale: float, q_doc_ids: torch.Tensor | None = None,
+                      k_doc_ids: torch.Tensor | None = None,
+                      impl: LseImpl = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ring block's (dq, dk, dv), fp32 and shaped like q, k, v, from the final (merged) out and lse."""
+    check_attention_inputs("attention_lse_bwd", q, k, v, doc_ids=q_doc_ids, kv_doc_ids=k_doc_ids)
+    impl = _lse_impl("attention_lse", q, k, is_causal, q_doc_ids, impl)
+    if impl == "flash":
+        from ithaca.kernels.attention.flash_cuda import attention_lse_bwd_flash
+
+        return attention_lse_bwd_flash(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale)
+    if impl == "cpu":
+        from ithaca.kernels.attention.cpu_flash import attention_lse_bwd_cpu
+
+        return attention_lse_bwd_cpu(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale)
+    if impl == "triton":
+        from ithaca.kernels.attention.triton import attention_lse_bwd_triton
+
+        return attention_lse_bwd_triton(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale,
+                                        q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
+    bwd = attention_lse_bwd_tiled if impl == "tiled" else attention_lse_bwd_reference
+    return bwd(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
+
+
+class _Attention(torch.autograd.Function):
+    """Whole attention through the ring step's pair: forward keeps (out, lse), backward recomputes scores."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc_ids: torch.Tensor | None,
+                k_doc_ids: torch.Tensor | None, is_causal: bool, scale: float, impl: str) -> torch.Tensor:
+        out, lse = attention_lse_fwd(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
+                                     k_doc_ids=k_doc_ids, impl=impl)
+        ctx.save_for_backward(q, k, v, out, lse, q_doc_ids, k_doc_ids)
+        ctx.is_causal, ctx.scale, ctx.impl = is_causal, scale, impl
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse, q_doc_ids, k_doc_ids = ctx.saved_tensors
+        dq, dk, dv = attention_lse_bwd(dout, q, k, v, out, lse, is_causal=ctx.is_causal, scale=ctx.scale,
+                                       q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids, impl=ctx.impl)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = True,
-              doc_ids: torch.Tensor | None = None,
-              impl: Literal["auto", "flash", "sdpa", "reference"] = "auto") -> torch.Tensor:
-    """Scaled dot-product attention over [b, s, h, d] tensors; the math is in reference.py.
+              doc_ids: torch.Tensor | None = None, kv_doc_ids: torch.Tensor | None = None,
+              scale: float | None = None, impl: AttentionImpl = "auto") -> torch.Tensor:
+    """Scaled dot-product attention over [b, s, h, d] tensors, differentiable; the math is in reference.py.
 
-    k and v may have fewer heads than q (grouped-query attention); h must be a multiple of h_kv.
-    `doc_ids` [b, s] (int, non-decreasing along s) marks packed documents: no query reads
-    another document's keys. "auto" takes flash-attn on CUDA when installed (its varlen kernel
-    for documents), else torch SDPA (an explicit mask for documents).
+    q [b, s, h, d], k and v [b, s_k, h_kv, d] with h a multiple of h_kv (grouped-query attention).
+    Causal is aligned to the bottom right. `doc_ids` [b, s] (int) marks packed documents: no
+    query reads another document's keys; `kv_doc_ids` [b, s_k] gives the keys' documents when
+    s_k != s (default: doc_ids). `scale` defaults to d^-0.5. Returns [b, s, h, d] in q's dtype.
+    Raises ValueError on shapes that do not fit or an impl that cannot take the call.
     """
-    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"attention: want q [b, s, h, d], k = v [b, s_k, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention: q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-    if (is_causal or doc_ids is not None) and q.shape[1] != k.shape[1]:
-        raise ValueError(f"attention: causal or document masks need as many queries as keys; got "
-                         f"{q.shape[1]} and {k.shape[1]}")
-    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
-        raise ValueError(f"attention: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
-    if impl == "auto":
-        impl = "flash" if flash_attn_usable(q) else "sdpa"
+    check_attention_inputs("attention", q, k, v, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_doc_ids = doc_ids if kv_doc_ids is None else kv_doc_ids
+    has_docs = doc_ids is not None
+    fused_fits = not has_docs and not (is_causal and q.shape[1] != k.shape[1])
+    impl = choose("attention", impl, ("flash", "triton", "tiled", "sdpa", "reference"), q,
+                  lambda: _auto(q, has_docs, fused_fits, kv_doc_ids is None, "sdpa"))
     if impl == "reference":
-        return attention_reference(q, k, v, is_causal=is_causal, doc_ids=doc_ids)
+        return attention_reference(q, k, v, is_causal=is_causal, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids, scale=scale)
     if impl == "sdpa":
-        return _sdpa(q, k, v, is_causal, doc_ids)
+        if not fused_fits:
+            raise ValueError("attention: impl='sdpa' takes no document ids and no causal mask over other keys; "
+                             "use 'auto', 'triton', 'tiled' or 'reference'")
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)  # [b, h, s, d] -> [b, s, h, d]
     if impl == "flash":
+        if kv_doc_ids is not None or scale != q.shape[-1] ** -0.5:
+            raise ValueError("attention: impl='flash' takes no kv_doc_ids and no scale; use 'auto' or 'triton'")
         from ithaca.kernels.attention.flash_cuda import flash_attention  # optional GPU extra
 
         return flash_attention(q, k, v, is_causal=is_causal, doc_ids=doc_ids)
-    raise ValueError(f"attention: impl={impl!r}; choose 'auto', 'flash', 'sdpa' or 'reference'")
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-          doc_ids: torch.Tensor | None) -> torch.Tensor:
-    mask = None
-    if doc_ids is not None:  # one boolean mask carries both rules
-        mask, is_causal = allowed_keys(q, k, is_causal=is_causal, doc_ids=doc_ids)[:, None], False
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=is_causal, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)  # [b, h, s, d] -> [b, s, h, d]
+    return _Attention.apply(q, k, v, doc_ids, k_doc_ids, is_causal, scale, impl)

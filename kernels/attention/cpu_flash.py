@@ -1,14 +1,16 @@
-"""The block step on PyTorch's CPU flash-attention kernels, which return the log-sum-exp."""
+"""The block step on PyTorch's CPU flash-attention kernels, which return the log-sum-exp (no masks
+but causal, and causal only with as many queries as keys)."""
 
 from __future__ import annotations
 
 import torch
 
+from ithaca.kernels.attention.shapes import repeat_kv_heads
+
 
 def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     group = q.shape[2] // k.shape[2]  # the kernel wants as many kv heads as q heads
-    k, v = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k, v))
-    return tuple(t.transpose(1, 2) for t in (q, k, v))  # [b, s, h, d] -> [b, h, s, d]
+    return tuple(t.transpose(1, 2) for t in (q, repeat_kv_heads(k, group), repeat_kv_heads(v, group)))
 
 
 def attention_lse_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
