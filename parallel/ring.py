@@ -9,8 +9,9 @@ holds chunks r and 2P-1-r of 2P), which makes the causal mask reduce to three bl
     keys from rank j > r       the queries' second chunk x both key chunks, full
 
 so every rank does the same work each step and no block is entirely masked. With packed documents
-(`doc_ids`), each block also masks query/key pairs from different documents; the ids travel with
-their key/value block. Backward passes the
+(`doc_ids`), each block also masks query/key pairs from different documents: the ids travel with
+their key/value block and the block kernel (kernels/attention) reads them per tile, so no block
+ever builds a dense mask or dense scores. Backward passes the
 key/value blocks around again, with dK/dV accumulators that travel with the block they belong to
 and arrive home after P hops. Only this rank's q, k, v, output and log-sum-exp are saved; no rank
 ever holds the whole sequence's keys.
@@ -21,9 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ithaca.kernels.attention_lse import attention_lse_bwd, attention_lse_fwd
+from ithaca.kernels.attention import LseImpl, attention_lse_bwd, attention_lse_fwd, check_attention_inputs
 from ithaca.parallel.ring_comm import RingComm
-from ithaca.parallel.shapes import check_attention_inputs
 
 _ALL = slice(None)
 
@@ -53,12 +53,11 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, out_b: torch.Tenso
     lse[:, :, rows] = merged
 
 
-def _allowed(doc_ids: torch.Tensor | None, kv_doc_ids: torch.Tensor | None, rows: slice,
-             cols: slice) -> torch.Tensor | None:
-    """[b, rows, cols] True where query and key are in the same document (None: no documents)."""
+def _block_docs(doc_ids: torch.Tensor | None, kv: list[torch.Tensor], rows: slice, cols: slice) -> dict:
+    """The document ids of a block's queries and keys, as the block kernel takes them (none: no documents)."""
     if doc_ids is None:
-        return None
-    return doc_ids[:, rows, None] == kv_doc_ids[:, None, cols]
+        return {}
+    return {"q_doc_ids": doc_ids[:, rows], "k_doc_ids": kv[-1][:, cols]}
 
 
 class _RingAttention(torch.autograd.Function):
@@ -69,7 +68,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-                group: dist.ProcessGroup, is_causal: bool, scale: float) -> torch.Tensor:
+                group: dist.ProcessGroup, is_causal: bool, scale: float, impl: str) -> torch.Tensor:
         comm = RingComm(group)
         half = q.shape[1] // 2
         out = lse = None
@@ -79,7 +78,7 @@ class _RingAttention(torch.autograd.Function):
             incoming = None if last else comm.exchange(kv)  # next block flies while this one computes
             rows, cols, causal = _block(step, comm.rank, comm.world, is_causal, half)
             out_b, lse_b = attention_lse_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], is_causal=causal,
-                                             scale=scale, allowed=_allowed(doc_ids, kv[-1], rows, cols))
+                                             scale=scale, impl=impl, **_block_docs(doc_ids, kv, rows, cols))
             if out is None:  # step 0 always covers every query row
                 out, lse = out_b.float(), lse_b
             else:
@@ -89,7 +88,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.group, ctx.is_causal, ctx.scale = group, is_causal, scale
+        ctx.group, ctx.is_causal, ctx.scale, ctx.impl = group, is_causal, scale, impl
         return out
 
     @staticmethod
@@ -107,7 +106,7 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, causal = _block(step, rank, world, ctx.is_causal, half)
             dq_b, dk_b, dv_b = attention_lse_bwd(dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
                                                  out[:, rows], lse[:, :, rows], is_causal=causal, scale=ctx.scale,
-                                                 allowed=_allowed(doc_ids, kv[-1], rows, cols))
+                                                 impl=ctx.impl, **_block_docs(doc_ids, kv, rows, cols))
             dq[:, rows] += dq_b
             if incoming_dkv is not None:
                 grad_comm.wait()  # guards incoming_dkv: the accumulator of the block we now hold
@@ -122,28 +121,30 @@ class _RingAttention(torch.autograd.Function):
         if incoming_dkv is not None:
             grad_comm.wait()
             dkv = incoming_dkv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                    causal: bool = True, scale: float | None = None,
-                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   doc_ids: torch.Tensor | None = None, impl: LseImpl = "auto") -> torch.Tensor:
     """Exact softmax attention over a sequence split across `group`, keys and values passed around a ring.
 
     q [b, s, h, d], k and v [b, s, h_kv, d] (h a multiple of h_kv; only kv heads travel): this
     rank's part of the sequence in zigzag order (`zigzag_split`). Returns this rank's [b, s, h, d]
     part of the output, in the same order. `scale` defaults to d^-0.5. `doc_ids` [b, s] (int, this
     rank's part, same layout) marks packed documents: no query reads another document's keys.
+    `impl` picks the block kernel (kernels/attention: "auto", "triton", "flash", "tiled", ...).
     Communication per call, per rank: forward sends (P-1) * 2*b*s*h_kv*d elements, backward about
     twice that (blocks and their gradient accumulators).
     Raises ValueError on inconsistent shapes, or (causal) a local length that is not even.
     """
-    check_attention_inputs("ring_attention", q, k, v, doc_ids)
+    check_attention_inputs("ring_attention", q, k, v, doc_ids=doc_ids, same_length=True)
     if causal and q.shape[1] % 2:
         raise ValueError(f"ring_attention: causal zigzag needs an even local length (two chunks); got {q.shape[1]}; "
                          "split a sequence divisible by 2*P with zigzag_split")
     _check_same_shapes(k, group)
-    return _RingAttention.apply(q, k, v, doc_ids, group, causal, q.shape[-1] ** -0.5 if scale is None else scale)
+    return _RingAttention.apply(q, k, v, doc_ids, group, causal, q.shape[-1] ** -0.5 if scale is None else scale,
+                                impl)
 
 
 _checked: set[tuple] = set()

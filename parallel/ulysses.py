@@ -2,8 +2,9 @@
 
 The all-to-all itself is DeepSpeed's `_SeqAllToAll` (forward: all-to-all scattering heads and
 gathering sequence; backward: the inverse all-to-all). What we add around it: our [b, s, h, d]
-layout, and grouped-query attention with fewer kv heads than ranks, where each kv head is
-repeated so that every rank holds the kv head its query heads read.
+layout, packed documents (ids gathered over the group, read by the attention kernel per tile),
+and grouped-query attention with fewer kv heads than ranks, where each kv head is repeated so
+that every rank holds the kv head its query heads read.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.sequence.layer import _SeqAllToAll
 
-from ithaca.kernels.attention import attention
-from ithaca.parallel.shapes import check_attention_inputs
+from ithaca.kernels.attention import AttentionImpl, attention, check_attention_inputs, repeat_kv_heads
 
 _HEAD_DIM, _SEQ_DIM, _BATCH_DIM = 2, 1, 0
 
@@ -28,12 +28,6 @@ def _use_torch_process_groups() -> None:
     """
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-
-
-def repeat_kv_heads(x: torch.Tensor, repeat: int) -> torch.Tensor:
-    """[b, s, h_kv, d] -> [b, s, h_kv * repeat, d]; copies of kv head j are adjacent, so after the
-    head scatter they land on the ranks whose query heads read kv head j."""
-    return x.repeat_interleave(repeat, dim=_HEAD_DIM) if repeat > 1 else x
 
 
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -73,7 +67,8 @@ def kv_repeat_factor(n_heads: int, n_kv_heads: int, sp: int) -> int:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
-                      causal: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      causal: bool = True, doc_ids: torch.Tensor | None = None,
+                      impl: AttentionImpl = "auto") -> torch.Tensor:
     """Exact softmax attention over a sequence split contiguously across `group`.
 
     q [b, s, h, d], k and v [b, s, h_kv, d]: this rank's slice of the sequence (rank r holds
@@ -81,16 +76,16 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     Communication: two all-to-alls in forward (q, k, v in; output back) and two in backward;
     each rank sends about (2h + 2h_kv') * b * s * d * (P-1)/P elements per direction, where
     h_kv' = max(h_kv, P). `doc_ids` [b, s] (int, this rank's slice) marks packed documents: no
-    query reads another document's keys. Raises ValueError if h is not divisible by P or kv
-    heads can be neither split nor repeated over P.
+    query reads another document's keys. `impl` picks the attention kernel (kernels/attention).
+    Raises ValueError if h is not divisible by P or kv heads can be neither split nor repeated over P.
     """
-    check_attention_inputs("ulysses_attention", q, k, v, doc_ids)
+    check_attention_inputs("ulysses_attention", q, k, v, doc_ids=doc_ids, same_length=True)
     sp = dist.get_world_size(group)
     repeat = kv_repeat_factor(q.shape[2], k.shape[2], sp)
     if sp == 1:
-        return attention(q, k, v, is_causal=causal, doc_ids=doc_ids)
+        return attention(q, k, v, is_causal=causal, doc_ids=doc_ids, impl=impl)
     k, v = repeat_kv_heads(k, repeat), repeat_kv_heads(v, repeat)
     whole_doc_ids = None if doc_ids is None else gather_doc_ids(doc_ids, group)
     out = attention(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group),
-                    is_causal=causal, doc_ids=whole_doc_ids)
+                    is_causal=causal, doc_ids=whole_doc_ids, impl=impl)
     return heads_to_seq(out, group)

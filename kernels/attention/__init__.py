@@ -27,8 +27,8 @@ from ithaca.kernels.attention.reference import (attention_lse_bwd_reference, att
 from ithaca.kernels.attention.shapes import check_attention_inputs, repeat_kv_heads
 from ithaca.kernels.attention.tiled import attention_lse_bwd_tiled, attention_lse_fwd_tiled
 
-__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "attention_reference", "check_attention_inputs",
-           "repeat_kv_heads"]
+__all__ = ["AttentionImpl", "LseImpl", "attention", "attention_lse_bwd", "attention_lse_fwd", "attention_reference",
+           "check_attention_inputs", "repeat_kv_heads"]
 
 AttentionImpl = Literal["auto", "flash", "triton", "tiled", "sdpa", "reference"]
 LseImpl = Literal["auto", "flash", "triton", "tiled", "cpu", "reference"]
