@@ -2,9 +2,11 @@
 (forward and backward) and one dispatch, `<op>(..., impl="auto")`, that picks between them."""
 
 from ithaca.kernels.attention import attention, attention_lse_bwd, attention_lse_fwd
+from ithaca.kernels.linear_attention import linear_attention
 from ithaca.kernels.linear_cross_entropy import linear_cross_entropy
 from ithaca.kernels.rms_norm import rms_norm
 from ithaca.kernels.rope import rope
 from ithaca.kernels.swiglu import swiglu
 
-__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "linear_attention", "linear_cross_entropy", "rms_norm",
+           "rope", "swiglu"]

@@ -102,9 +102,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_library_warnings()
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.distributed import env_world_size, launched_by_torchrun
-    from ithaca.launcher.preflight import preflight
+    from ithaca.launcher.preflight import check_kernels_here, preflight
 
     cfg = load_config(args.config, args.overrides)
+    check_kernels_here(cfg)
     if args.resume == "auto":
         from ithaca.launcher.checkpoint import LATEST
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ithaca.data.loader import check_stream_count
@@ -21,6 +22,17 @@ def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> Non
     if cfg.model.vocab_size < vocab:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"the shards' tokenizer has {vocab} ids; use at least {vocab}")
+
+
+def check_kernels_here(cfg: RunConfig) -> None:
+    """model.kernels=triton needs a GPU on the machine that trains (not where `ithaca submit` runs),
+    or Triton's interpreter (TRITON_INTERPRET=1: CPU tests)."""
+    import torch
+
+    if cfg.model.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.kernels", "triton", "our Triton kernels run on CUDA GPUs and this machine has none; "
+                          "use model.kernels=auto (or TRITON_INTERPRET=1 to run them interpreted, slowly, as the "
+                          "tests do)")
 
 
 def check_data(data: DataConfig, dp: int) -> list[Manifest]:

@@ -7,12 +7,10 @@ from functools import partial
 import torch
 
 from ithaca.data.packing import document_ids, document_positions, document_starts
-from ithaca.kernels.attention import attention
-from ithaca.kernels.linear_attention import linear_attention_chunked
+from ithaca.kernels import attention, linear_attention
 from ithaca.models.linear_attention import AttendLinear
 from ithaca.models.llama import Attend
 from ithaca.parallel.allgather_kv import allgather_kv_attention
-from ithaca.parallel.lasp2 import CHUNK as LASP2_CHUNK
 from ithaca.parallel.lasp2 import lasp2_attention
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.ring import ring_attention
@@ -21,25 +19,27 @@ from ithaca.parallel.ulysses import ulysses_attention
 from ithaca.parallel.usp import usp_attention
 
 
-def make_attend(mesh: ParallelMesh, sp_method: str) -> Attend:
-    """Causal softmax attention for this mesh: local, or split over sp by `sp_method`."""
+def make_attend(mesh: ParallelMesh, sp_method: str, kernels: str = "auto") -> Attend:
+    """Causal softmax attention for this mesh: local, or split over sp by `sp_method`; `kernels`
+    (model.kernels) picks the attention kernel."""
     if mesh.sp == 1:
-        return partial(attention, is_causal=True)
+        return partial(attention, is_causal=True, impl=kernels)
     if sp_method == "ulysses":
-        return partial(ulysses_attention, group=mesh.group("sp"), causal=True)
+        return partial(ulysses_attention, group=mesh.group("sp"), causal=True, impl=kernels)
     if sp_method == "ring":
-        return partial(ring_attention, group=mesh.group("ring"), causal=True)
+        return partial(ring_attention, group=mesh.group("ring"), causal=True, impl=kernels)
     if sp_method == "usp":
-        return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True)
-    return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring)
+        return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True,
+                       impl=kernels)
+    return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring, impl=kernels)
 
 
-def make_attend_linear(mesh: ParallelMesh) -> AttendLinear:
+def make_attend_linear(mesh: ParallelMesh, kernels: str = "auto") -> AttendLinear:
     """Linear attention: the local chunked form, or LASP-2 over the sp group in the mesh's layout."""
     if mesh.sp == 1:
-        return lambda q, k, v, log_decay, resets: linear_attention_chunked(
-            q, k, v, log_decay, scale=q.shape[-1] ** -0.5, chunk_size=LASP2_CHUNK, resets=resets)[0]
-    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring)
+        return lambda q, k, v, log_decay, resets: linear_attention(
+            q, k, v, log_decay, scale=q.shape[-1] ** -0.5, resets=resets, impl=kernels)[0]
+    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels)
 
 
 def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None) -> list[torch.Tensor | None]:

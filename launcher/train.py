@@ -25,7 +25,7 @@ from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
 from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear, sequence_slice
 from ithaca.launcher.tracking import Tracker
 from ithaca.log import get_logger
-from ithaca.models.llama import Llama, token_losses
+from ithaca.models.llama import Llama
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
 
@@ -55,7 +55,7 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
     # DeepSpeed divides gradients by dp (after summing over dp x sp) and by the micro-batch count.
     scale = mesh.dp * len(slices) / global_tokens
     for tokens, labels, positions, doc_ids, resets in slices:
-        loss_sum = token_losses(engine(tokens, positions, doc_ids, resets), labels).sum()
+        loss_sum = engine(tokens, positions, labels, doc_ids, resets).sum()
         engine.backward(loss_sum * scale)
         engine.step()
         sums[0] += loss_sum.detach().double()
@@ -78,8 +78,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
 
     torch.manual_seed(cfg.train.seed)  # same seed on every rank: whole weights are drawn, then split
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh, p.sp_method),
-                  make_attend_linear(mesh), tp_rank=mesh.rank("tp"))
+    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh, p.sp_method, cfg.model.kernels),
+                  make_attend_linear(mesh, cfg.model.kernels), tp_group=mesh.group("tp"))
     engine = build_engine(cfg, model, mesh)
 
     step, loader_states, run_id = 0, None, None

@@ -16,6 +16,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.kernels import swiglu
 from ithaca.models.init import normal_init
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import SequenceInfo
@@ -57,7 +58,7 @@ class LinearAttention(nn.Module):
             local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
             self.register_buffer("log_decay", retention_log_decay(args.n_heads)[local], persistent=False)
         if args.linear_output_norm:
-            self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps)
+            self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps, args.kernels)
         if args.linear_output_gate:
             self.out_gate = tensor_parallel.ColumnParallelLinear(args.dim, width, config=mp, bias=False,
                                                                  init_method=normal_init(args.init_std), gather_output=False)
@@ -79,5 +80,5 @@ class LinearAttention(nn.Module):
             o = self.out_norm(o)
         o = o.reshape(b, s, -1)
         if self.args.linear_output_gate:
-            o = o * F.silu(self.out_gate(x)[0])
+            o = swiglu(self.out_gate(x)[0], o, impl=self.args.kernels)  # silu(x W_gate) * o
         return self.out(o)[0]

@@ -1,4 +1,6 @@
-"""Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) built from megatron-core tensor-parallel layers.
+"""Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) built from megatron-core tensor-parallel layers
+and the fused ops of ithaca.kernels (norms with the residual add, RoPE, SwiGLU, the loss; each
+picks its implementation through `args.kernels`).
 
 What is unusual here:
 - Weights are created whole on the CPU from one seed and then split by megatron-core
@@ -10,7 +12,11 @@ What is unusual here:
   `ithaca.parallel.ulysses_attention` bound to its sp group.
 - Layers mix tokens with softmax attention or linear attention (models/linear_attention.py) as
   `layer_pattern` says, so the same class builds Llama, linear-attention and hybrid models.
-- The output is vocab-parallel logits; `token_losses` turns them into per-token losses.
+- Pre-norm blocks hand the stream on unadded: each norm adds the previous block's output to the
+  residual stream and normalizes it in one kernel (`rms_norm(x, w, eps, residual=...)`).
+- The model returns per-token losses, not logits: the output projection and the cross-entropy are
+  one fused, chunked op (`linear_cross_entropy`) that never holds [tokens, vocab] logits; with
+  tp > 1 the vocabulary is split over the tp ranks (one all-reduce of max and of sum-exp).
 """
 
 from __future__ import annotations
@@ -19,17 +25,17 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from ithaca.models.linear_attention import AttendLinear, LinearAttention
+from ithaca.kernels import linear_cross_entropy, rope, swiglu
 from ithaca.models.init import normal_init
+from ithaca.models.linear_attention import AttendLinear, LinearAttention
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import SequenceInfo
 from ithaca.models.norm import RMSNorm
-from ithaca.models.rope import apply_rope, rope_angles
 
 Attend = Callable[..., torch.Tensor]
 """attend(q [b, s, h, d], k [b, s, h_kv, d], v [b, s, h_kv, d], doc_ids=[b, s] or None) -> [b, s, h, d],
@@ -42,6 +48,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = mp.tensor_model_parallel_size
         self.attend = attend
+        self.rope_theta, self.kernels = args.rope_theta, args.kernels
         self.head_dim = args.head_dim
         self.group_size = args.n_heads // args.kv_heads  # query heads per kv head
         self.local_kv_heads = args.kv_heads // tp
@@ -59,7 +66,8 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.local_kv_heads, self.group_size + 2, self.head_dim)
         q = qkv[:, :, :, : self.group_size].reshape(b, s, -1, self.head_dim)  # [b, s, h/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, h_kv/tp, d]
-        o = self.attend(apply_rope(q, seq.cos, seq.sin), apply_rope(k, seq.cos, seq.sin), v, doc_ids=seq.doc_ids)
+        q, k = rope(q, k, seq.positions, self.rope_theta, impl=self.kernels)
+        o = self.attend(q, k, v, doc_ids=seq.doc_ids)
         out, _ = self.out(o.reshape(b, s, -1))
         return out
 
@@ -76,37 +84,66 @@ class FeedForward(nn.Module):
         self.down = tensor_parallel.RowParallelLinear(
             args.ffn_dim, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
             init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
+        self.kernels = args.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)[0]
+        return self.down(swiglu(gate, up, impl=self.kernels))[0]
 
 
 class Block(nn.Module):
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, mixer: nn.Module):
         super().__init__()
-        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.attn = mixer
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.ffn = FeedForward(args, mp)
 
-    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), seq)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                seq: SequenceInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output, not yet added to the stream `residual` (None: x is the
+        embedding, the stream's start) -> (this block's output, not yet added; the stream)."""
+        normed, residual = self.attn_norm(x, residual)
+        normed, residual = self.ffn_norm(self.attn(normed, seq), residual)
+        return self.ffn(normed), residual
+
+
+class OutputLoss(tensor_parallel.ColumnParallelLinear):
+    """The vocab-parallel output projection fused with the cross-entropy: hidden [b, s, dim] and
+    labels [b, s] -> per-token losses [b, s] fp32 (0 where a label is < 0); logits never exist.
+
+    It is megatron-core's column-parallel layer for its weight (drawn whole, then split over tp
+    by vocabulary) with its own forward, so ZeRO-3 gathers that weight when this module runs.
+    """
+
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_group: dist.ProcessGroup | None):
+        super().__init__(args.dim, args.vocab_size, config=mp, init_method=normal_init(args.init_std), bias=False,
+                         gather_output=False, skip_weight_param_allocation=args.tie_embeddings)
+        self.vocab_group, self.kernels = tp_group, args.kernels
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, dim = hidden.shape
+        labels = labels.reshape(-1)
+        losses = linear_cross_entropy(hidden.reshape(b * s, dim), self.weight if weight is None else weight,
+                                      labels.masked_fill(labels < 0, -100), ignore_index=-100,
+                                      group=self.vocab_group, impl=self.kernels)
+        return losses.view(b, s)
 
 
 class Llama(nn.Module):
-    """tokens [b, s], their positions [b, s] and, for packed documents, document ids [b, s] and
-    document starts (`resets`, [b, s] bool, found on the whole sequence) -> vocab-parallel logits
-    [b, s, vocab/tp].
+    """tokens [b, s], their positions [b, s], labels [b, s] (< 0: no target) and, for packed
+    documents, document ids [b, s] and document starts (`resets`, [b, s] bool, found on the whole
+    sequence) -> per-token losses [b, s] fp32.
 
-    `attend` mixes softmax layers, `attend_linear` linear layers; `tp_rank` picks this rank's
-    heads' fixed decays.
+    `attend` mixes softmax layers, `attend_linear` linear layers; `tp_group` (None: tp = 1) splits
+    the vocabulary of the loss and picks this rank's heads' fixed decays.
     """
 
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend,
-                 attend_linear: AttendLinear | None = None, tp_rank: int = 0):
+                 attend_linear: AttendLinear | None = None, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
+        tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         if "L" in args.layer_pattern and attend_linear is None:
             raise ValueError(f"Llama: layer_pattern={args.layer_pattern!r} has linear layers; pass attend_linear")
         self.args = args
@@ -119,28 +156,14 @@ class Llama(nn.Module):
             return Attention(args, mp, attend)
 
         self.blocks = nn.ModuleList(Block(args, mp, mixer(i)) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = tensor_parallel.ColumnParallelLinear(
-            args.dim, args.vocab_size, config=mp, init_method=normal_init(args.init_std), bias=False,
-            gather_output=False, skip_weight_param_allocation=args.tie_embeddings)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
+        self.head = OutputLoss(args, mp, tp_group if mp.tensor_model_parallel_size > 1 else None)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                resets: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(tokens)  # [b, s, dim]
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
-        seq = SequenceInfo(cos=cos, sin=sin, doc_ids=doc_ids, resets=resets)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
+                doc_ids: torch.Tensor | None = None, resets: torch.Tensor | None = None) -> torch.Tensor:
+        seq = SequenceInfo(positions=positions, doc_ids=doc_ids, resets=resets)
+        x, residual = self.embed(tokens), None  # [b, s, dim]
         for block in self.blocks:
-            x = block(x, seq)
-        weight = self.embed.weight if self.args.tie_embeddings else None
-        logits, _ = self.head(self.norm(x), weight=weight)
-        return logits
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per token from vocab-parallel logits [b, s, v/tp] and labels [b, s] -> [b, s] fp32.
-
-    Labels < 0 mark positions without a target; their loss is 0.
-    """
-    has_target = labels >= 0
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-    return losses * has_target
+            x, residual = block(x, residual, seq)
+        hidden, _ = self.norm(x, residual)
+        return self.head(hidden, labels, weight=self.embed.weight if self.args.tie_embeddings else None)

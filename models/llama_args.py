@@ -35,6 +35,12 @@ class LlamaArgs:
     lightning attention)."""
     linear_output_gate: bool = True
     """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+    """Which implementation every fused op runs (norms, RoPE, SwiGLU, the loss, softmax and linear
+    attention; ithaca.kernels): auto = our Triton kernels (flash-attn for softmax attention where it
+    applies) on CUDA and the best exact PyTorch path elsewhere; triton forces ours (a CUDA run, or
+    TRITON_INTERPRET=1 on the CPU: slow, for tests); reference = the plain PyTorch specs (dense
+    attention scores, full logits: small models only). Each op logs once which one runs and why."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):

@@ -11,9 +11,8 @@ import torch
 class SequenceInfo:
     """Per-token facts of this rank's part of the sequence, shared by every layer."""
 
-    cos: torch.Tensor
-    """RoPE angles' cosines [b, s, 1, head_dim/2] (positions restart per document when packed)."""
-    sin: torch.Tensor
+    positions: torch.Tensor
+    """[b, s] int RoPE positions (they restart at each document when packed)."""
     doc_ids: torch.Tensor | None
     """[b, s] packed-document ids, or None for one sequence per row."""
     resets: torch.Tensor | None

@@ -1,4 +1,4 @@
-"""RMSNorm (arXiv:1910.07467): x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+"""RMSNorm (arXiv:1910.07467) modules over the fused kernel `ithaca.kernels.rms_norm`."""
 
 from __future__ import annotations
 
@@ -6,17 +6,23 @@ import torch
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
+from ithaca.kernels import rms_norm
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; with `residual`, the pre-norm block's
+    fused add: returns (norm(x + residual), x + residual)."""
+
+    def __init__(self, dim: int, eps: float, impl: str):
         super().__init__()
-        self.eps = eps
+        self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (normed, the stream x + residual); without `residual` the stream is x itself."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps, impl=self.impl), x
+        return rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
 
 
 class HeadRMSNorm(nn.Module):
@@ -26,15 +32,13 @@ class HeadRMSNorm(nn.Module):
     would get a different partial gradient on each tp rank (each sees only its heads).
     """
 
-    def __init__(self, local_heads: int, head_dim: int, eps: float):
+    def __init__(self, local_heads: int, head_dim: int, eps: float, impl: str):
         super().__init__()
-        self.eps = eps
+        self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.ones(local_heads, head_dim))
         # megatron-core's marker: DeepSpeed's clipping then counts it once per tp rank, not once overall
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, local heads, head_dim]."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)

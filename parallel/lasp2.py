@@ -8,10 +8,13 @@ the state entering its chunk,
 
     S_t = sum_{j<t} (prod_{j<m<t} a_m) M_j,
 
-and add exp(g_i) (scale q_i) S_t to each token's output. The states are computed first (cheap)
-and gathered while the chunk's own output (the costly part) is computed. Backward goes through the same
-operations; the all-gather's backward is one reduce-scatter of the state gradients. Per layer and
-direction that is P * b * h * (d_k*d_v + 1) elements, whatever the sequence length.
+and add exp(g_i) (scale q_i) S_t to each token's output (0 from the chunk's first reset on). The
+op folder ithaca.kernels.linear_attention supplies every piece: `linear_attention(..., impl=impl)`
+the local output, `chunk_memory` (M_t, a_t) and `state_reach` the exp(g_i) factor. The states
+are computed first (cheap) and gathered while the chunk's own output (the costly part) is
+computed. Backward goes through the same operations; the all-gather's backward is one
+reduce-scatter of the state gradients. Per layer and direction that is P * b * h * (d_k*d_v + 1)
+elements, whatever the sequence length.
 
 The same works for any layout that gives each rank whole pieces of the sequence (`piece_order`):
 under ring attention's zigzag layout a rank holds two pieces, so it gathers two states and forms
@@ -23,12 +26,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ithaca.kernels.linear_attention import chunk_memory, expand_log_decay, linear_attention_chunked, state_reach
+from ithaca.kernels.linear_attention import (LinearAttentionImpl, check_linear_attention_inputs, chunk_memory,
+                                             expand_log_decay, linear_attention, state_reach)
 from ithaca.parallel.gather import PendingGather, gather_states
 from ithaca.parallel.sequence_layout import piece_order
-
-CHUNK = 64
-"""Sub-chunk length for the local chunked computation (memory O(CHUNK^2) per head, not O(s^2))."""
 
 
 def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
@@ -45,46 +46,42 @@ def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
 
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                     log_decay: torch.Tensor | None = None, scale: float | None = None,
-                    resets: torch.Tensor | None = None, ring: int = 1) -> torch.Tensor:
+                    resets: torch.Tensor | None = None, ring: int = 1,
+                    impl: LinearAttentionImpl = "auto") -> torch.Tensor:
     """Exact linear attention with decay over a sequence split across `group`.
 
     q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t
     holds positions [t*s, (t+1)*s)); with `ring` > 1, the layout of `sequence_part(..., ring=ring)`
     (ring=P: ring attention's zigzag). `log_decay` (<= 0) is None (plain), [h] (fixed per-head
     decay) or [b, s, h] (per-token gates, this rank's part); `scale` defaults to d_k^-0.5, applied
-    to q; `resets` [b, s] bool marks tokens that start a document. Returns o [b, s, h, d_v] in
-    q's dtype. Raises ValueError on shapes that do not fit.
+    to q; `resets` [b, s] bool marks tokens that start a document. `impl` picks the local
+    computation (ithaca.kernels.linear_attention.linear_attention). Returns o [b, s, h, d_v] in
+    q's dtype. Communication: one all-gather of P * b * h * (d_k*d_v + 1) elements forward, one
+    reduce-scatter of as many backward. Raises ValueError on shapes that do not fit.
     """
-    b, s, h, d_k = q.shape if q.dim() == 4 else (None,) * 4
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"lasp2_attention: want q = k [b, s, h, d_k], v [b, s, h, d_v]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if log_decay is not None and tuple(log_decay.shape) not in ((h,), (b, s, h)):
-        raise ValueError(f"lasp2_attention: log_decay must be [h]={(h,)} or [b, s, h]={(b, s, h)}; "
-                         f"got {tuple(log_decay.shape)}")
-    if resets is not None and tuple(resets.shape) != (b, s):
-        raise ValueError(f"lasp2_attention: resets must be [b, s]={(b, s)}; got {tuple(resets.shape)}")
+    check_linear_attention_inputs("lasp2_attention", q, k, v, log_decay, resets)
+    b, s, h, d_k = q.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world % ring or (ring > 1 and s % 2):
         raise ValueError(f"lasp2_attention: ring={ring} must divide the group size {world}, and a zigzag "
                          f"part must split in two (local length {s})")
     scale = d_k ** -0.5 if scale is None else scale
-    log_decay = expand_log_decay(log_decay, b, s, h, q.device)
     mine, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
     size = s // len(mine)
     parts = [slice(i * size, (i + 1) * size) for i in range(len(mine))]
     piece_resets = [None if resets is None else resets[:, part] for part in parts]
+    decay = expand_log_decay(log_decay, b, s, h, q.device)  # [b, s, h] fp32, for the pieces' states
     pending = PendingGather() if n_pieces > 1 else None
     if pending is not None:
         # one all-gather carries every piece's d_k x d_v state and carry; it runs during the outputs below
-        packs = [torch.cat([t.flatten(1) for t in chunk_memory(k[:, part], v[:, part], log_decay[:, part], r)], dim=1)
+        packs = [torch.cat([t.flatten(1) for t in chunk_memory(k[:, part], v[:, part], decay[:, part], r)], dim=1)
                  for part, r in zip(parts, piece_resets)]  # [b, h*d_k*d_v + h] each
         gathered = gather_states(torch.stack(packs), group, pending)  # [P, pieces per rank, b, h*d_k*d_v + h]
-    outs = [linear_attention_chunked(q[:, part], k[:, part], v[:, part], log_decay[:, part], scale=scale,
-                                     chunk_size=CHUNK, resets=r)[0].float()  # each piece alone, no incoming state
-            for part, r in zip(parts, piece_resets)]
+    local_decay = [log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, part] for part in parts]
+    outs = [linear_attention(q[:, part], k[:, part], v[:, part], piece_decay, scale=scale, resets=r, impl=impl)[0]
+            for part, piece_decay, r in zip(parts, local_decay, piece_resets)]  # each piece alone, no incoming state
     if pending is None:
-        return outs[0].to(q.dtype)
+        return outs[0]
     pending.wait()  # guards `gathered`
     order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
     position = {piece: (r, i) for r, pieces in enumerate(order) for i, piece in enumerate(pieces)}
@@ -92,8 +89,10 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     n_state = h * d_k * v.shape[-1]
     memories = in_order[..., :n_state].reshape(n_pieces, b, h, d_k, v.shape[-1])
     carries = in_order[..., n_state:]
+    full = []
     for i, piece in enumerate(mine):
-        state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories)
-        reach, _, _ = state_reach(log_decay[:, parts[i]], piece_resets[i])
-        outs[i] = outs[i] + torch.einsum("bshk,bhkv->bshv", scale * q[:, parts[i]].float() * reach[..., None], state)
-    return torch.cat(outs, dim=1).to(q.dtype)
+        state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories)  # entering this piece
+        reach, _, _ = state_reach(decay[:, parts[i]], piece_resets[i])
+        incoming = torch.einsum("bshk,bhkv->bshv", scale * q[:, parts[i]].float() * reach[..., None], state)
+        full.append(outs[i].float() + incoming)
+    return torch.cat(full, dim=1).to(q.dtype)

@@ -9,36 +9,38 @@ that every rank holds the kv head its query heads read.
 
 from __future__ import annotations
 
-import deepspeed
-import deepspeed.comm
 import torch
 import torch.distributed as dist
-from deepspeed.sequence.layer import _SeqAllToAll
 
 from ithaca.kernels.attention import AttentionImpl, attention, check_attention_inputs, repeat_kv_heads
 
 _HEAD_DIM, _SEQ_DIM, _BATCH_DIM = 2, 1, 0
 
 
-def _use_torch_process_groups() -> None:
-    """DeepSpeed's all-to-all goes through deepspeed.comm, which must wrap torch.distributed first.
+def _all_to_all() -> type:
+    """DeepSpeed's all-to-all, which goes through deepspeed.comm: that must wrap torch.distributed first.
 
-    Done on first use so that the function works in any model whose author started torch.distributed
-    but not DeepSpeed (DeepSpeed adopts the existing default group; nothing new is created).
+    Imported and set up on first use, so a model without Ulysses layers needs no DeepSpeed, and the
+    function works in any model whose author started torch.distributed but not DeepSpeed (DeepSpeed
+    adopts the existing default group; nothing new is created).
     """
+    import deepspeed
+    import deepspeed.comm
+    from deepspeed.sequence.layer import _SeqAllToAll
+
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    return _SeqAllToAll
 
 
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, s, h, d] (a sequence slice, all heads) -> [b, s*P, h/P, d] (whole sequence, a head slice)."""
-    _use_torch_process_groups()
-    return _SeqAllToAll.apply(group, x.contiguous(), _HEAD_DIM, _SEQ_DIM, _BATCH_DIM)
+    return _all_to_all().apply(group, x.contiguous(), _HEAD_DIM, _SEQ_DIM, _BATCH_DIM)
 
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """The inverse: [b, s*P, h/P, d] -> [b, s, h, d]."""
-    return _SeqAllToAll.apply(group, x.contiguous(), _SEQ_DIM, _HEAD_DIM, _BATCH_DIM)
+    return _all_to_all().apply(group, x.contiguous(), _SEQ_DIM, _HEAD_DIM, _BATCH_DIM)
 
 
 def gather_doc_ids(doc_ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -7,6 +7,8 @@ the output and of every gradient (q, k, v and the gates).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,8 +21,8 @@ H, DK, DV = 2, 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1) -> None:
-    from ithaca.kernels.linear_attention import linear_attention_recurrent
+def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1, impl: str = "auto") -> None:
+    from ithaca.kernels.linear_attention import linear_attention
     from ithaca.parallel import lasp2_attention, sequence_part
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
@@ -36,7 +38,7 @@ def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1) ->
         log_decay = torch.nn.functional.logsigmoid(torch.randn(b, n, H, generator=gen) + 2).requires_grad_()
     resets = (torch.rand(b, n, generator=gen) < 0.08) if with_resets else None
     cotangent = torch.randn(b, n, H, DV, generator=gen)
-    full, _ = linear_attention_recurrent(q, k, v, log_decay, scale=DK ** -0.5, resets=resets)
+    full, _ = linear_attention(q, k, v, log_decay, scale=DK ** -0.5, resets=resets, impl="reference")
     full.backward(cotangent)
 
     def mine(t):
@@ -50,9 +52,9 @@ def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1) ->
         local_decay = mine(log_decay).clone().requires_grad_()
         leaves.append(local_decay)
     out = lasp2_attention(*leaves[:3], group, log_decay=local_decay,
-                          resets=None if resets is None else mine(resets), ring=ring)
+                          resets=None if resets is None else mine(resets), ring=ring, impl=impl)
     out.backward(mine(cotangent))
-    where = f"kind={kind} chunk={chunk} resets={with_resets} ring={ring} rank={rank}/{world}"
+    where = f"kind={kind} chunk={chunk} resets={with_resets} ring={ring} impl={impl} rank={rank}/{world}"
     torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
     refs = [q, k, v] + ([log_decay] if kind == "gated" else [])
     for name, local, ref in zip(("dq", "dk", "dv", "dgate"), leaves, refs):
@@ -84,6 +86,19 @@ def _usp_layout() -> int:
 
 def test_lasp2_in_the_usp_layout():
     assert run_ranks(_usp_layout, 4) == [len(CASES)] * 4
+
+
+def _triton_cases() -> int:
+    for i, kind in enumerate(("fixed", "gated")):
+        _twin(kind, 40, True, seed=10 + i, ring=2, impl="triton")  # zigzag pieces of 20: 16 + a ragged 4 per piece
+    return 2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the gloo ranks hold CPU tensors: Triton takes them only under TRITON_INTERPRET=1")
+def test_lasp2_with_the_triton_kernels():
+    """The local part through the Triton kernels (interpreted; conftest sets it off CUDA, the ranks inherit it)."""
+    assert run_ranks(_triton_cases, 2) == [2, 2]
 
 
 def _elements_moved(n_per_rank: int) -> tuple[int, int]:

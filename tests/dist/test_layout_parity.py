@@ -37,8 +37,19 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     "sp4-usp": (1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
     "dp2xsp2-ring": (2, 1, 2, ("parallel.sp_method=ring",)),
     "sp2-ring-no-document-mask": (1, 1, 2, ("parallel.sp_method=ring", "data.document_mask=false")),
+    # the same function through other kernels, against the default ("auto") single-process curve:
+    # the plain-PyTorch specs (dense attention, full logits), and our Triton kernels end to end
+    # (interpreted without a GPU) in ring blocks, norms, RoPE, SwiGLU and the vocab-parallel loss
+    "sp2-ring-reference-kernels": (1, 1, 2, ("parallel.sp_method=ring", "model.kernels=reference")),
+    "tp2-reference-kernels": (1, 2, 1, ("model.kernels=reference",)),
+    "sp2-ring-triton-kernels": (1, 1, 2, ("parallel.sp_method=ring", "model.kernels=triton")),
 }
 MODEL_KEYS = ("model.", "data.")  # overrides that change the function, so need their own single-process run
+SAME_FUNCTION = ("model.kernels=",)  # ...except the kernels' choice: every implementation is exact
+
+
+def _model_overrides(extra: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(o for o in extra if o.startswith(MODEL_KEYS) and not o.startswith(SAME_FUNCTION))
 
 
 def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...],
@@ -68,7 +79,7 @@ def _single_process(data: str, model_overrides: tuple[str, ...], config: str = "
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_gives_single_process_loss_curve(layout, short_doc_shards, tmp_path_factory):
     dp, tp, sp, extra = LAYOUTS[layout]
-    model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
+    model_overrides = _model_overrides(extra)
     single = _single_process(str(short_doc_shards), model_overrides, streams=dp)
     if model_overrides:  # the override must change the function, or this layout proves nothing new
         assert single["loss"] != _single_process(str(short_doc_shards), ())["loss"]
@@ -106,13 +117,16 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     "hybrid-sp4-ulysses": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=ulysses",)),
     "hybrid-sp4-usp": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=usp", "parallel.ulysses_degree=2")),
     "hybrid-sp4-allgather": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=allgather",)),
+    "hybrid-sp2-ulysses-reference-kernels": ("debug-hybrid-cpu", 1, 1, 2,
+                                             ("parallel.sp_method=ulysses", "model.kernels=reference")),
+    "linear-sp2-triton-kernels": ("debug-linear-cpu", 1, 1, 2, ("model.kernels=triton",)),
 }
 
 
 @pytest.mark.parametrize("layout", list(LINEAR_AND_HYBRID))
 def test_linear_and_hybrid_models_give_the_single_process_curve(layout, short_doc_shards, tmp_path_factory):
     config, dp, tp, sp, extra = LINEAR_AND_HYBRID[layout]
-    model_overrides = tuple(o for o in extra if o.startswith(MODEL_KEYS))
+    model_overrides = _model_overrides(extra)
     single = _single_process(str(short_doc_shards), model_overrides, config)
     per_rank = run_ranks(_train_curves, dp * tp * sp, str(short_doc_shards), str(tmp_path_factory.mktemp(layout)),
                          dp, tp, sp, extra, config)

@@ -18,7 +18,7 @@ def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor
     from ithaca.data.packing import document_ids, document_positions, document_starts
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear
-    from ithaca.models.llama import Llama, token_losses
+    from ithaca.models.llama import Llama
     from ithaca.parallel.megatron_bridge import initialize_megatron, model_parallel_config
     from ithaca.parallel.mesh import build_mesh
 
@@ -33,12 +33,11 @@ def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor
     window = torch.cat(docs)[None]  # [1, 27]: three documents, each ending in EOS
     tokens, labels = window[:, :-1], window[:, 1:]
     doc_ids = document_ids(tokens, EOS)
-    logits = model(tokens, document_positions(doc_ids), doc_ids, document_starts(doc_ids))
-    packed = token_losses(logits, labels)[0]
+    packed = model(tokens, document_positions(doc_ids), labels, doc_ids, document_starts(doc_ids))[0]
     separate = []
     for doc in docs:  # each document alone, positions from 0, no mask needed
         inputs, targets = doc[None, :-1], doc[None, 1:]
-        separate.append(token_losses(model(inputs, torch.arange(inputs.shape[1])[None]), targets)[0])
+        separate.append(model(inputs, torch.arange(inputs.shape[1])[None], targets)[0])
     # the packed window's label at a document's last token (EOS) is the next document's first
     # token: there is no such label when run alone, so compare the per-document parts
     lengths = [len(d) - 1 for d in docs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ithaca.launcher.cli import main
 
@@ -28,6 +29,14 @@ def test_config_errors_exit_2_with_one_line(capsys, tmp_path, debug_shards, extr
     code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", *extra)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can run Triton kernels")
+def test_triton_kernels_without_a_gpu(capsys, tmp_path, debug_shards, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", "--set", "model.kernels=triton")
+    assert code == 2 and "model.kernels='triton': our Triton kernels run on CUDA GPUs" in err
+    assert err.count("\n") == 1
 
 
 def test_missing_config_file(capsys, tmp_path):

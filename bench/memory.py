@@ -1,0 +1,96 @@
+"""Peak memory of the two ops whose plain forms are quadratic or [tokens x vocab], measured.
+
+(a) One ring block with packed documents: attention_lse_fwd + attention_lse_bwd, causal, one
+    batch row, documents of DOC tokens, at s = 2K, 4K, 8K. "auto" (the tiled online softmax on
+    the CPU, our Triton kernel on CUDA) against the dense reference, which holds [h, s, s] fp32
+    scores. `x_prev` is the growth per doubling of s: 2 is linear, 4 quadratic.
+(b) linear_cross_entropy (auto: chunked on the CPU, Triton-fused blocks on CUDA) against
+    F.cross_entropy(hidden @ W.T), forward + backward, at n = 8K tokens, V = 32K. Target: ours
+    at most 10% of the naive peak.
+
+Peak = bytes allocated during the call beyond its inputs (bench/peak_memory.py): CUDA allocator
+statistics on a GPU, live tensor bytes counted at the dispatcher on the CPU.
+
+Run:  python -m bench.memory --device cpu        (about a minute on 2 cores)
+      python -m bench.memory --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench.header import bench_header
+from bench.peak_memory import peak_bytes
+from ithaca.kernels import attention_lse_bwd, attention_lse_fwd, linear_cross_entropy
+
+HEADS, KV_HEADS, HEAD_DIM, DOC = 8, 2, 64, 1024
+MIB = 2**20
+
+
+def ring_block(s: int, impl: str, device: str, dtype: torch.dtype) -> int:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, HEADS, HEAD_DIM, generator=gen).to(device, dtype)
+    k, v = (torch.randn(1, s, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    docs = (torch.arange(s, device=device) // DOC)[None]
+    masks = dict(is_causal=True, scale=HEAD_DIM ** -0.5, q_doc_ids=docs, k_doc_ids=docs, impl=impl)
+
+    def step() -> None:
+        out, lse = attention_lse_fwd(q, k, v, **masks)
+        attention_lse_bwd(dout, q, k, v, out, lse, **masks)
+
+    return peak_bytes(step, device)
+
+
+def cross_entropy(n: int, vocab: int, dim: int, impl: str, device: str, dtype: torch.dtype) -> int:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, dim, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) * dim ** -0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    upstream = torch.rand(n, generator=gen).to(device)
+
+    def step() -> None:
+        if impl == "naive":
+            losses = F.cross_entropy((hidden @ weight.T).float(), labels, reduction="none")
+        else:
+            losses = linear_cross_entropy(hidden, weight, labels, impl=impl)
+        losses.backward(upstream)
+
+    return peak_bytes(step, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="ring block lengths s")
+    parser.add_argument("--tokens", type=int, default=8192, help="linear-CE tokens n")
+    parser.add_argument("--vocab", type=int, default=32768, help="linear-CE vocabulary V")
+    parser.add_argument("--dim", type=int, default=512, help="linear-CE hidden size d")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    print(bench_header("memory", args.device, f"dtype={str(dtype).removeprefix('torch.')} heads={HEADS} "
+                       f"kv_heads={KV_HEADS} head_dim={HEAD_DIM} doc_len={DOC}"))
+    print("\n(a) one document-masked ring block, forward + backward\n")
+    print("| s | impl | peak MiB | x_prev (2 = linear) | ratio_vs_reference |")
+    print("|---|---|---|---|---|")
+    previous: dict[str, int] = {}
+    for s in args.lengths:
+        peaks = {impl: ring_block(s, impl, args.device, dtype) for impl in ("reference", "auto")}
+        for impl, peak in peaks.items():
+            growth = f"{peak / previous[impl]:.2f}" if impl in previous else "-"
+            print(f"| {s} | {impl} | {peak / MIB:.1f} | {growth} | {peak / peaks['reference']:.3f} |")
+        previous = peaks
+    print(f"\n(b) linear cross-entropy, forward + backward, n={args.tokens} V={args.vocab} d={args.dim}\n")
+    print("| impl | peak MiB | ratio_vs_naive |")
+    print("|---|---|---|")
+    naive = cross_entropy(args.tokens, args.vocab, args.dim, "naive", args.device, dtype)
+    ours = cross_entropy(args.tokens, args.vocab, args.dim, "auto", args.device, dtype)
+    print(f"| naive F.cross_entropy(h @ W.T) | {naive / MIB:.1f} | 1.000 |")
+    print(f"| linear_cross_entropy (auto) | {ours / MIB:.1f} | {ours / naive:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
