@@ -63,11 +63,11 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-# Inductor's C++ kernels and ATen each keep an OpenMP thread pool; idle threads of one spinning
-# steal the cores from the other (interleaved with compiled calls on 2 cores, a 3 ms eager call took 900 ms).
-# Read when torch loads OpenMP, so set before the import; it changes nothing on CUDA.
+# Inductor's C++ kernels and ATen each keep an OpenMP thread pool, and idle threads of one spin
+# on the cores the other needs: interleaved with compiled calls on 2 cores, a 3 ms eager call
+# took 900 ms. Read when torch loads OpenMP, so set before the import; CUDA timings are unaffected.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -154,8 +154,8 @@ class Job:
     shape: str
     passes: str
     work: float
-    unit: str
-    """"flop" or "byte": what `work` counts and which peak it is held against."""
+    unit: Literal["flop", "byte"]
+    """What `work` counts, and so which of the device's peaks it is held against."""
     candidates: list[Candidate]
 
 
