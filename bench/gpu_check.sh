@@ -33,7 +33,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$DEVICE" in cuda|cpu) ;; *) echo "gpu_check.sh: --device cuda or cpu, not $DEVICE" >&2; exit 2 ;; esac
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then  # the lent GPU machine's python3; here, the project's .venv
+  PYTHON=python3
+  [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+fi
+"$PYTHON" -c "import torch, triton" || { echo "gpu_check.sh: $PYTHON cannot import torch and triton; set PYTHON" >&2; exit 2; }
 mkdir -p "$OUT_DIR"
 
 # --- setup -------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def main() -> None:
             t = statistics.median(times[kernels])
             mfu = "-" if peak is None else f"{run.flops_per_token * seq_len / t / peak:.3f}"
             ratio = "-" if ref is None else f"{ref / t:.2f}"
-            print(f"| {config} | {kernels} | {seq_len / t:.0f} | {ratio} | {mfu} | {run.peak_gib:.1f} |")
+            peak_gib = "-" if run.peak_gib is None else f"{run.peak_gib:.1f}"  # CUDA allocator only
+            print(f"| {config} | {kernels} | {seq_len / t:.0f} | {ratio} | {mfu} | {peak_gib} |")
         del runs
         if cuda:
             torch.cuda.empty_cache()
@@ -114,7 +115,8 @@ class _Run:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.batch = _batch(self.args.vocab_size, seq_len, doc_len, device)
         self.flops_per_token = _flops_per_token(self.model, self.args, seq_len)
-        self.failed, self.peak_gib = False, 0.0
+        self.failed = False
+        self.peak_gib: float | None = 0.0 if device == "cuda" else None
 
     def step(self) -> float | None:
         if self.failed:
