@@ -29,9 +29,46 @@ LOG2E = math.log2(math.e)
 
 @triton.jit
 def _doc_range(p_doc, o_t, m_t):
-    """Smallest and largest document id among the valid tokens of a tile."""
+    """A tile's document ids, and the smallest and largest among its valid tokens."""
     b_doc = tl.load(p_doc + o_t, mask=m_t, other=0)
     return b_doc, tl.min(tl.where(m_t, b_doc, 2147483647), 0), tl.max(tl.where(m_t, b_doc, -1), 0)
+
+
+@triton.jit
+def _rows(p, o_t, stride, o_d, m_t, m_d):
+    """Rows o_t (stride apart) of one head, BLOCK_D columns: a [tokens, BLOCK_D] tile, 0 outside."""
+    return tl.load(p + o_t[:, None] * stride + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _key_end(i_m, S_Q, S_K, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key the query tile i_m may read (causal: query i reads keys j <= i + S_K - S_Q)."""
+    end = S_K
+    if IS_CAUSAL:
+        end = tl.minimum(S_K, (i_m + 1) * BLOCK_M + S_K - S_Q)
+    return end
+
+
+@triton.jit
+def _scores(b_q, b_k, o_m, o_n, m_m, m_n, b_qdoc, b_kdoc, offset, scale_log2,
+            IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, EXACT: tl.constexpr):
+    """A tile's scores in log2 units [M, N], and which count: in range, causal (key j <= query i +
+    offset), same document."""
+    b_s = dot(b_q, tl.trans(b_k), EXACT) * scale_log2
+    m_s = m_m[:, None] & m_n[None, :]
+    if IS_CAUSAL:
+        m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
+    if HAS_DOCS:
+        m_s = m_s & (b_qdoc[:, None] == b_kdoc[None, :])
+    return b_s, m_s
+
+
+@triton.jit
+def _lse_log2(lse, o_m, m_m):
+    """Rows' log-sum-exp in log2 units; a row with lse -inf read no key, and +inf there makes its
+    probabilities exp2(s - inf) = 0."""
+    b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf"))
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
 
 
 @triton.jit
@@ -40,47 +77,39 @@ def _attn_fwd(q, k, v, q_doc, k_doc, o, lse,
               S_Q, S_K, H, D, scale_log2,
               GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EXACT: tl.constexpr):
+    """One tile of queries of one head: out and lse over every key tile it reads (online softmax)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < S_Q, o_d < D
-    p_q = q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = _rows(q + i_b * s_qb + i_h * s_qh, o_m, s_qs, o_d, m_m, m_d)
     k += i_b * s_kb + i_hkv * s_kh
     v += i_b * s_vb + i_hkv * s_vh
+    b_qdoc, q_lo, q_hi = o_m, 0, 0  # without documents these are never read
     if HAS_DOCS:
         b_qdoc, q_lo, q_hi = _doc_range(q_doc + i_b * S_Q, o_m, m_m)
-    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, log2 domain
+    b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, log2 units
     b_sum = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offset = S_K - S_Q  # causal: query i reads keys j <= i + offset
-    end = S_K
-    if IS_CAUSAL:
-        end = tl.minimum(S_K, (i_m + 1) * BLOCK_M + offset)
-    for start in range(0, end, BLOCK_N):
+    for start in range(0, _key_end(i_m, S_Q, S_K, BLOCK_M, IS_CAUSAL), BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < S_K
-        visit = True
-        if HAS_DOCS:
+        b_kdoc, visit = o_n, True
+        if HAS_DOCS:  # a key tile whose documents miss the query tile's holds nothing for it
             b_kdoc, k_lo, k_hi = _doc_range(k_doc + i_b * S_K, o_n, m_n)
             visit = (k_lo <= q_hi) & (q_lo <= k_hi)
         if visit:
-            b_k = tl.load(k + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(v + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_s = dot(b_q, tl.trans(b_k), EXACT) * scale_log2  # [M, N] scores in log2 units
-            m_s = m_n[None, :]
-            if IS_CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
-            if HAS_DOCS:
-                m_s = m_s & (b_qdoc[:, None] == b_kdoc[None, :])
+            b_s, m_s = _scores(b_q, _rows(k, o_n, s_ks, o_d, m_n, m_d), o_m, o_n, m_m, m_n, b_qdoc, b_kdoc,
+                               S_K - S_Q, scale_log2, IS_CAUSAL, HAS_DOCS, EXACT)
             b_s = tl.where(m_s, b_s, float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, 1))
             b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)  # no key yet: exp2(-inf - 0) = 0, not NaN
             b_p = tl.exp2(b_s - b_safe[:, None])
             b_rescale = tl.exp2(b_max - b_safe)
             b_sum = b_sum * b_rescale + tl.sum(b_p, 1)
+            b_v = _rows(v, o_n, s_vs, o_d, m_n, m_d)
             b_acc = b_acc * b_rescale[:, None] + dot(b_p.to(b_v.dtype), b_v, EXACT)
             b_max = b_new
     b_empty = b_sum == 0.0  # no allowed key at all: out 0, lse -inf
@@ -103,9 +132,9 @@ def _attn_bwd_dkdv(q, k, v, do, lse, delta, q_doc, k_doc, dk, dv,
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n, m_d = o_n < S_K, o_d < D
-    m_nd = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + i_b * s_kb + i_hkv * s_kh + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
-    b_v = tl.load(v + i_b * s_vb + i_hkv * s_vh + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+    b_k = _rows(k + i_b * s_kb + i_hkv * s_kh, o_n, s_ks, o_d, m_n, m_d)
+    b_v = _rows(v + i_b * s_vb + i_hkv * s_vh, o_n, s_vs, o_d, m_n, m_d)
+    b_kdoc, k_lo, k_hi = o_n, 0, 0  # without documents these are never read
     if HAS_DOCS:
         b_kdoc, k_lo, k_hi = _doc_range(k_doc + i_b * S_K, o_n, m_n)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -119,30 +148,23 @@ def _attn_bwd_dkdv(q, k, v, do, lse, delta, q_doc, k_doc, dk, dv,
         for start in range(first, S_Q, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
             m_m = o_m < S_Q
-            visit = True
+            b_qdoc, visit = o_m, True
             if HAS_DOCS:
                 b_qdoc, q_lo, q_hi = _doc_range(q_doc + i_b * S_Q, o_m, m_m)
                 visit = (k_lo <= q_hi) & (q_lo <= k_hi)
             if visit:
-                m_md = m_m[:, None] & m_d[None, :]
-                b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
-                b_do = tl.load(do + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=m_md, other=0.0)
-                # a row with lse -inf read no key; +inf makes its probabilities exp2(-inf) = 0
-                b_lse = tl.load(lse + (i_b * H + i_h) * S_Q + o_m, mask=m_m, other=float("inf"))
-                b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+                b_q = _rows(q + i_b * s_qb + i_h * s_qh, o_m, s_qs, o_d, m_m, m_d)
+                b_do = _rows(do + i_b * s_ob + i_h * s_oh, o_m, s_os, o_d, m_m, m_d)
+                b_lse = _lse_log2(lse + (i_b * H + i_h) * S_Q, o_m, m_m)
                 b_delta = tl.load(delta + (i_b * H + i_h) * S_Q + o_m, mask=m_m, other=0.0)
-                b_s = dot(b_q, tl.trans(b_k), EXACT) * scale_log2
-                m_s = m_m[:, None] & m_n[None, :]
-                if IS_CAUSAL:
-                    m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
-                if HAS_DOCS:
-                    m_s = m_s & (b_qdoc[:, None] == b_kdoc[None, :])
+                b_s, m_s = _scores(b_q, b_k, o_m, o_n, m_m, m_n, b_qdoc, b_kdoc, offset, scale_log2,
+                                   IS_CAUSAL, HAS_DOCS, EXACT)
                 b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [M, N]
                 b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, EXACT)
-                b_dp = dot(b_do, tl.trans(b_v), EXACT)
-                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_ds = b_p * (dot(b_do, tl.trans(b_v), EXACT) - b_delta[:, None])  # dS = P (dO V^T - D)
                 b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, EXACT)
     p_out = ((i_b * S_K + o_n[:, None]) * H_KV + i_hkv) * D + o_d[None, :]
+    m_nd = m_n[:, None] & m_d[None, :]
     tl.store(dk + p_out, b_dk * scale, mask=m_nd)
     tl.store(dv + p_out, b_dv, mask=m_nd)
 
@@ -160,41 +182,32 @@ def _attn_bwd_dq(q, k, v, do, lse, delta, q_doc, k_doc, dq,
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < S_Q, o_d < D
-    m_md = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(do + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=m_md, other=0.0)
-    b_lse = tl.load(lse + i_bh * S_Q + o_m, mask=m_m, other=float("inf"))
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+    b_q = _rows(q + i_b * s_qb + i_h * s_qh, o_m, s_qs, o_d, m_m, m_d)
+    b_do = _rows(do + i_b * s_ob + i_h * s_oh, o_m, s_os, o_d, m_m, m_d)
+    b_lse = _lse_log2(lse + i_bh * S_Q, o_m, m_m)
     b_delta = tl.load(delta + i_bh * S_Q + o_m, mask=m_m, other=0.0)
     k += i_b * s_kb + i_hkv * s_kh
     v += i_b * s_vb + i_hkv * s_vh
+    b_qdoc, q_lo, q_hi = o_m, 0, 0  # without documents these are never read
     if HAS_DOCS:
         b_qdoc, q_lo, q_hi = _doc_range(q_doc + i_b * S_Q, o_m, m_m)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offset = S_K - S_Q
-    end = S_K
-    if IS_CAUSAL:
-        end = tl.minimum(S_K, (i_m + 1) * BLOCK_M + offset)
-    for start in range(0, end, BLOCK_N):
+    for start in range(0, _key_end(i_m, S_Q, S_K, BLOCK_M, IS_CAUSAL), BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < S_K
-        visit = True
+        b_kdoc, visit = o_n, True
         if HAS_DOCS:
             b_kdoc, k_lo, k_hi = _doc_range(k_doc + i_b * S_K, o_n, m_n)
             visit = (k_lo <= q_hi) & (q_lo <= k_hi)
         if visit:
-            b_k = tl.load(k + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(v + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_s = dot(b_q, tl.trans(b_k), EXACT) * scale_log2
-            m_s = m_m[:, None] & m_n[None, :]
-            if IS_CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + offset)
-            if HAS_DOCS:
-                m_s = m_s & (b_qdoc[:, None] == b_kdoc[None, :])
+            b_k = _rows(k, o_n, s_ks, o_d, m_n, m_d)
+            b_s, m_s = _scores(b_q, b_k, o_m, o_n, m_m, m_n, b_qdoc, b_kdoc, S_K - S_Q, scale_log2,
+                               IS_CAUSAL, HAS_DOCS, EXACT)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_ds = b_p * (dot(b_do, tl.trans(b_v), EXACT) - b_delta[:, None])
+            b_ds = b_p * (dot(b_do, tl.trans(_rows(v, o_n, s_vs, o_d, m_n, m_d)), EXACT) - b_delta[:, None])
             b_dq += dot(b_ds.to(b_k.dtype), b_k, EXACT)
-    tl.store(dq + ((i_b * S_Q + o_m[:, None]) * H + i_h) * D + o_d[None, :], b_dq * scale, mask=m_md)
+    tl.store(dq + ((i_b * S_Q + o_m[:, None]) * H + i_h) * D + o_d[None, :], b_dq * scale,
+             mask=m_m[:, None] & m_d[None, :])
 
 
 def _blocks(d: int) -> dict:
