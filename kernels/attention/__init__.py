@@ -72,21 +72,7 @@ def attention_lse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_c
     """
     check_attention_inputs("attention_lse_fwd", q, k, v, doc_ids=q_doc_ids, kv_doc_ids=k_doc_ids)
     impl = _lse_impl("attention_lse", q, k, is_causal, q_doc_ids, impl)
-    if impl == "flash":
-        from ithaca.kernels.attention.flash_cuda import attention_lse_fwd_flash  # optional GPU extra
-
-        return attention_lse_fwd_flash(q, k, v, is_causal=is_causal, scale=scale)
-    if impl == "cpu":
-        from ithaca.kernels.attention.cpu_flash import attention_lse_fwd_cpu
-
-        return attention_lse_fwd_cpu(q, k, v, is_causal=is_causal, scale=scale)
-    if impl == "triton":
-        from ithaca.kernels.attention.triton import attention_lse_fwd_triton  # triton is imported only when chosen
-
-        return attention_lse_fwd_triton(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
-                                        k_doc_ids=k_doc_ids)
-    fwd = attention_lse_fwd_tiled if impl == "tiled" else attention_lse_fwd_reference
-    return fwd(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
+    return _run_lse_fwd(impl, q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
 
 
 def attention_lse_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -96,6 +82,33 @@ def attention_lse_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """One ring block's (dq, dk, dv), fp32 and shaped like q, k, v, from the final (merged) out and lse."""
     check_attention_inputs("attention_lse_bwd", q, k, v, doc_ids=q_doc_ids, kv_doc_ids=k_doc_ids)
     impl = _lse_impl("attention_lse", q, k, is_causal, q_doc_ids, impl)
+    return _run_lse_bwd(impl, dout, q, k, v, out, lse, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
+                        k_doc_ids=k_doc_ids)
+
+
+def _run_lse_fwd(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float,
+                 q_doc_ids: torch.Tensor | None, k_doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen implementation's forward (flash and cpu take no document ids: the dispatch checked)."""
+    if impl == "flash":
+        from ithaca.kernels.attention.flash_cuda import attention_lse_fwd_flash  # optional GPU extra
+
+        return attention_lse_fwd_flash(q, k, v, is_causal=is_causal, scale=scale)
+    if impl == "cpu":
+        from ithaca.kernels.attention.cpu_flash import attention_lse_fwd_cpu
+
+        return attention_lse_fwd_cpu(q, k, v, is_causal=is_causal, scale=scale)
+    if impl == "triton":
+        from ithaca.kernels.attention.triton import attention_lse_fwd_triton as fwd  # triton is imported only when chosen
+    else:
+        fwd = attention_lse_fwd_tiled if impl == "tiled" else attention_lse_fwd_reference
+    return fwd(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
+
+
+def _run_lse_bwd(impl: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, *, is_causal: bool, scale: float,
+                 q_doc_ids: torch.Tensor | None,
+                 k_doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen implementation's backward, as _run_lse_fwd."""
     if impl == "flash":
         from ithaca.kernels.attention.flash_cuda import attention_lse_bwd_flash
 
@@ -105,22 +118,21 @@ def attention_lse_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
         return attention_lse_bwd_cpu(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale)
     if impl == "triton":
-        from ithaca.kernels.attention.triton import attention_lse_bwd_triton
-
-        return attention_lse_bwd_triton(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale,
-                                        q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
-    bwd = attention_lse_bwd_tiled if impl == "tiled" else attention_lse_bwd_reference
+        from ithaca.kernels.attention.triton import attention_lse_bwd_triton as bwd
+    else:
+        bwd = attention_lse_bwd_tiled if impl == "tiled" else attention_lse_bwd_reference
     return bwd(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
 
 
 class _Attention(torch.autograd.Function):
-    """Whole attention through the ring step's pair: forward keeps (out, lse), backward recomputes scores."""
+    """Whole attention through the ring step's pair (implementation `impl`, already chosen):
+    forward keeps (out, lse), backward recomputes the scores tile by tile."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc_ids: torch.Tensor | None,
                 k_doc_ids: torch.Tensor | None, is_causal: bool, scale: float, impl: str) -> torch.Tensor:
-        out, lse = attention_lse_fwd(q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
-                                     k_doc_ids=k_doc_ids, impl=impl)
+        out, lse = _run_lse_fwd(impl, q, k, v, is_causal=is_causal, scale=scale, q_doc_ids=q_doc_ids,
+                                k_doc_ids=k_doc_ids)
         ctx.save_for_backward(q, k, v, out, lse, q_doc_ids, k_doc_ids)
         ctx.is_causal, ctx.scale, ctx.impl = is_causal, scale, impl
         return out
@@ -128,8 +140,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         q, k, v, out, lse, q_doc_ids, k_doc_ids = ctx.saved_tensors
-        dq, dk, dv = attention_lse_bwd(dout, q, k, v, out, lse, is_causal=ctx.is_causal, scale=ctx.scale,
-                                       q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids, impl=ctx.impl)
+        dq, dk, dv = _run_lse_bwd(ctx.impl, dout, q, k, v, out, lse, is_causal=ctx.is_causal, scale=ctx.scale,
+                                  q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
