@@ -52,12 +52,14 @@ def _auto(q: torch.Tensor, has_docs: bool, fused_fits: bool, flash_fits: bool, f
 def _lse_impl(op: str, q: torch.Tensor, k: torch.Tensor, is_causal: bool, q_doc_ids: torch.Tensor | None,
               impl: str) -> str:
     has_docs = q_doc_ids is not None
-    fused_fits = not (is_causal and q.shape[1] != k.shape[1])
+    # torch's CPU kernel aligns causal to the top left; flash-attn (>= 2.1) to the bottom right, as we do
+    fused_fits = not has_docs and not (is_causal and q.shape[1] != k.shape[1])
     impl = choose(op, impl, ("flash", "triton", "tiled", "cpu", "reference"), q,
                   lambda: _auto(q, has_docs, fused_fits, not has_docs, "cpu"))
-    if impl in ("flash", "cpu") and (has_docs or not fused_fits):
-        raise ValueError(f"{op}: impl={impl!r} takes no document ids and no causal mask over other keys; "
-                         "use 'auto', 'triton', 'tiled' or 'reference'")
+    if (impl == "flash" and has_docs) or (impl == "cpu" and not fused_fits):
+        raise ValueError(f"{op}: impl={impl!r} takes no document ids" + (
+            "" if impl == "flash" else " and no causal mask over other keys") +
+            "; use 'auto', 'triton', 'tiled' or 'reference'")
     return impl
 
 
@@ -151,7 +153,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: b
     """Scaled dot-product attention over [b, s, h, d] tensors, differentiable; the math is in reference.py.
 
     q [b, s, h, d], k and v [b, s_k, h_kv, d] with h a multiple of h_kv (grouped-query attention).
-    Causal is aligned to the bottom right. `doc_ids` [b, s] (int) marks packed documents: no
+    Causal is aligned to the bottom right. `doc_ids` [b, s] (int, below 2^31) marks packed documents: no
     query reads another document's keys; `kv_doc_ids` [b, s_k] gives the keys' documents when
     s_k != s (default: doc_ids). `scale` defaults to d^-0.5. Returns [b, s, h, d] in q's dtype.
     Raises ValueError on shapes that do not fit or an impl that cannot take the call.
@@ -161,8 +163,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: b
     k_doc_ids = doc_ids if kv_doc_ids is None else kv_doc_ids
     has_docs = doc_ids is not None
     fused_fits = not has_docs and not (is_causal and q.shape[1] != k.shape[1])
+    flash_fits = kv_doc_ids is None and scale == q.shape[-1] ** -0.5  # our wrapper passes no scale or key ids
     impl = choose("attention", impl, ("flash", "triton", "tiled", "sdpa", "reference"), q,
-                  lambda: _auto(q, has_docs, fused_fits, kv_doc_ids is None, "sdpa"))
+                  lambda: _auto(q, has_docs, fused_fits, flash_fits, "sdpa"))
     if impl == "reference":
         return attention_reference(q, k, v, is_causal=is_causal, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids, scale=scale)
     if impl == "sdpa":
@@ -173,7 +176,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: b
                                              is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)  # [b, h, s, d] -> [b, s, h, d]
     if impl == "flash":
-        if kv_doc_ids is not None or scale != q.shape[-1] ** -0.5:
+        if not flash_fits:
             raise ValueError("attention: impl='flash' takes no kv_doc_ids and no scale; use 'auto' or 'triton'")
         from ithaca.kernels.attention.flash_cuda import flash_attention  # optional GPU extra
 

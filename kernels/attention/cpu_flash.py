@@ -27,6 +27,6 @@ def attention_lse_bwd_cpu(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     group = q.shape[2] // h_kv
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.transpose(1, 2).contiguous(), *_heads_first(q, k, v), out.transpose(1, 2).contiguous(),
-        lse.to(q.dtype) if q.dtype != torch.float32 else lse, 0.0, is_causal, scale=scale)
+        lse, 0.0, is_causal, scale=scale)  # the kernel's log-sum-exp is fp32 in every dtype
     dq, dk, dv = (t.transpose(1, 2).float() for t in (dq, dk, dv))
     return dq, dk.reshape(b, s_k, h_kv, group, d).sum(3), dv.reshape(b, s_k, h_kv, group, d).sum(3)

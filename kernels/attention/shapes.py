@@ -9,7 +9,7 @@ import torch
 def check_attention_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            doc_ids: torch.Tensor | None = None, kv_doc_ids: torch.Tensor | None = None,
                            same_length: bool = False) -> None:
-    """q [b, s, h, d], k = v [b, s_k, h_kv, d] with h a multiple of h_kv; `doc_ids` [b, s] and
+    """q [b, s, h, d], k = v [b, s_k, h_kv, d] in q's dtype, h a multiple of h_kv; `doc_ids` [b, s] and
     `kv_doc_ids` [b, s_k] (given together, or doc_ids alone when s_k == s); `same_length`: s_k must
     equal s (sequence-parallel methods, where q, k and v are one rank's part of one sequence).
     Raises ValueError naming `name` and the shapes otherwise."""
@@ -20,6 +20,8 @@ def check_attention_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         raise ValueError(f"{name}: q, k and v must hold the same tokens; got lengths {q.shape[1]} and {k.shape[1]}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{name}: q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if doc_ids is not None and doc_ids.shape != q.shape[:2]:
         raise ValueError(f"{name}: doc_ids must be [b, s] = {tuple(q.shape[:2])}; got {tuple(doc_ids.shape)}")
     if kv_doc_ids is not None and (doc_ids is None or kv_doc_ids.shape != k.shape[:2]):

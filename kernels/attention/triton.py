@@ -78,7 +78,8 @@ def _attn_fwd(q, k, v, q_doc, k_doc, o, lse,
               GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EXACT: tl.constexpr):
     """One tile of queries of one head: out and lse over every key tile it reads (online softmax)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # int64: offsets such as (i_b * S_Q + row) * H * D pass 2^31 on 128K-token batches
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,7 +128,7 @@ def _attn_bwd_dkdv(q, k, v, do, lse, delta, q_doc, k_doc, dk, dv,
                    GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EXACT: tl.constexpr):
     """One tile of keys of one kv head: dk, dv summed over its GROUP query heads and every query tile."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: see _attn_fwd
     i_b, i_hkv = i_bh // H_KV, i_bh % H_KV
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
@@ -176,7 +177,7 @@ def _attn_bwd_dq(q, k, v, do, lse, delta, q_doc, k_doc, dq,
                  GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EXACT: tl.constexpr):
     """One tile of queries of one head: dq over every key tile it reads."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: see _attn_fwd
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,6 +223,7 @@ def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _docs(q_doc_ids: torch.Tensor | None, k_doc_ids: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    """Document ids as the kernels read them: int32 (the dispatch documents that ids must fit)."""
     if q_doc_ids is None:
         return q, q, False  # unused pointers: HAS_DOCS=False never reads them
     return q_doc_ids.to(torch.int32).contiguous(), k_doc_ids.to(torch.int32).contiguous(), True
@@ -250,7 +252,7 @@ def attention_lse_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              q_doc_ids: torch.Tensor | None = None,
                              k_doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients from the final (out, lse) -> (dq, dk, dv) fp32; reference.py's contract."""
-    q, k, v, dout = _last_dim_contiguous(q, k, v, dout)
+    q, k, v, dout = _last_dim_contiguous(q, k, v, dout.to(q.dtype))  # tl.dot takes one dtype on a GPU
     b, s_q, h, d = q.shape
     s_k, h_kv = k.shape[1], k.shape[2]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # D = rowsum(dO * O): [b, h, s_q]

@@ -102,17 +102,19 @@ def test_tiled(case):
              heads=heads, kv_heads=kv_heads, d=d, causal=causal, docs=docs)
 
 
-@pytest.mark.parametrize("impl", ["cpu", pytest.param("flash", marks=NO_CUDA)])
+ON_CPU = pytest.mark.skipif(CUDA, reason="torch's CPU flash kernel takes CPU tensors; this run's are on CUDA")
+FUSED = [pytest.param("cpu", torch.float32, marks=ON_CPU), pytest.param("cpu", torch.bfloat16, marks=ON_CPU),
+         pytest.param("flash", torch.bfloat16, marks=NO_CUDA)]
+
+
+@pytest.mark.parametrize("impl, dtype", FUSED)
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] == "none" and (c[0] == c[1] or not c[5])],
                          ids=lambda c: "-".join(map(str, c)))
-def test_fused_without_documents(impl, case):
-    if impl == "cpu" and CUDA:
-        pytest.skip("torch's CPU flash kernel takes CPU tensors; this run's tensors are on CUDA")
+def test_fused_without_documents(impl, dtype, case):
     s_q, s_k, heads, kv_heads, d, causal, docs = case
-    dtype, tol = (torch.bfloat16, BF16) if impl == "flash" else (torch.float32, FP32)
     _compare(lambda *a, **m: attention_lse_fwd(*a, **m, impl=impl),
-             lambda *a, **m: attention_lse_bwd(*a, **m, impl=impl), dtype, tol, s_q=s_q, s_k=s_k,
-             heads=heads, kv_heads=kv_heads, d=d, causal=causal, docs=docs)
+             lambda *a, **m: attention_lse_bwd(*a, **m, impl=impl), dtype, BF16 if dtype == torch.bfloat16 else FP32,
+             s_q=s_q, s_k=s_k, heads=heads, kv_heads=kv_heads, d=d, causal=causal, docs=docs)
 
 
 def test_a_block_with_no_key_for_some_queries():
@@ -152,6 +154,8 @@ def test_bad_inputs():
         attention_lse_fwd(q, q[:, :, :3], q[:, :, :3], is_causal=True, scale=1.0)
     with pytest.raises(ValueError, match="impl='fast'"):
         attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="fast")
+    with pytest.raises(ValueError, match="q, k and v must share one dtype"):
+        attention_lse_fwd(q, q.bfloat16(), q.bfloat16(), is_causal=True, scale=1.0)
     with pytest.raises(ValueError, match="impl='cpu' takes no document ids"):
         attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="cpu", q_doc_ids=docs, k_doc_ids=docs)
     with pytest.raises(ValueError, match="kv_doc_ids must be"):
