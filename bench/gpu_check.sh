@@ -48,7 +48,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-export PYTHONUNBUFFERED=1 ITHACA_POISON=1
+export PYTHONUNBUFFERED=1  # (the kernel tests set ITHACA_POISON themselves; benchmarks must not)
+unset ITHACA_POISON
 if [ "$DEVICE" = cuda ]; then
   unset TRITON_INTERPRET  # compiled kernels: the point of this run
   export DS_ACCELERATOR=cuda

@@ -69,29 +69,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from bench.header import bench_header
+from bench.header import bench_header, device_peaks
 from bench.kernel_jobs import OPS, SIZES, Env, Job, Sizes, jobs_for
 from bench.timing import Outcome, time_candidates
 
 MIN_SAMPLE_S = 0.01
 """Each timed sample repeats a call back to back until it lasts this long (bench/timing.py)."""
 MIB = 2**20
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-"""Dense bf16 FLOP/s and HBM bytes/s of the SXM parts."""
-
-
-# ---- table -------------------------------------------------------------------------------------
-
-def _device_peaks(device: str) -> tuple[float, float] | None:
-    """(FLOP/s, bytes/s) of an H100/H200 SXM; None for any other device (PCIe and NVL parts differ)."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    if "PCIe" in name or "NVL" in name:
-        return None
-    return next((peaks for key, peaks in PEAKS.items() if key in name), None)
-
-
 def _number(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
@@ -152,7 +136,7 @@ def main() -> None:
     os.environ.pop("ITHACA_POISON", None)
     if env.compile:  # one compiled function meets every length twice (with and without grad): past dynamo's 8
         torch._dynamo.config.recompile_limit = 64
-    peaks = _device_peaks(args.device)
+    peaks = device_peaks(args.device)
     lengths = args.lengths or list(sizes.lengths)
     print(bench_header("kernels", args.device,
                        f"dtype={str(env.dtype).removeprefix('torch.')} ours=impl={env.ours} batch=1 "

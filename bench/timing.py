@@ -115,6 +115,8 @@ def time_candidates(candidates: list[Candidate], device: str, repeats: int, max_
         if outcome.status is None:
             try:
                 outcome.peak = peak_bytes(candidate.run, device)
-            except Exception:  # e.g. a compiled graph under the CPU's counting dispatch mode: leave it "-"
+            except Exception as error:  # e.g. a compiled graph under the CPU's counting dispatch mode
                 _release(device)
+                print(f"# {candidate.name}: peak memory not measured ({type(error).__name__}: "
+                      f"{' '.join(str(error).split())[:120]})", flush=True)
     return outcomes

@@ -12,7 +12,7 @@ what fits. After --warmup steps of each, the two kernel settings alternate step 
 
 N = parameters outside the input embedding, L = softmax layers, H heads, Q head dim, T the
 sequence length; linear-attention layers' state work is not counted (MFU is an underestimate for
-hybrids). Peak = the device's dense bf16 rate (H100/H200 SXM: 989 TFLOP/s).
+hybrids). Peak = the device's dense bf16 rate (H100/H200 SXM: 989 TFLOP/s; other devices print "-").
 
 Run:  python -m bench.train_throughput --device cuda [--seq-len 8192]
       python -m bench.train_throughput --device cpu          (toy size; a test keeps it running)
@@ -28,18 +28,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.header import bench_header
+from bench.header import bench_header, device_peaks
 from bench.train_setup import build_model, init_single_process
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
-
-
-def _peak(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
-
 
 def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:
     from ithaca.data.packing import document_starts
@@ -72,7 +62,8 @@ def main() -> None:
     seq_len = args.seq_len or (8192 if cuda else 128)
     doc_len = args.doc_len or max(1, seq_len // 4)
     dtype = torch.bfloat16 if cuda else torch.float32
-    peak = _peak(args.device)
+    peaks = device_peaks(args.device)
+    peak = None if peaks is None else peaks[0]
     mesh = init_single_process(args.device)
     print(bench_header("train_throughput", args.device, f"dtype={str(dtype).removeprefix('torch.')} "
                        f"seq_len={seq_len} doc_len={doc_len} steps={args.steps} warmup={args.warmup} "

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from ithaca.log import get_logger
 
 log = get_logger(__name__)
-
-KernelChoice = Literal["auto", "triton", "reference"]
-"""What a run may force for every op at once (`model.kernels`); ops accept more names of their own."""
 
 _reported: set[tuple[str, str, str]] = set()
 

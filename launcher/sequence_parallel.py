@@ -9,6 +9,7 @@ import torch
 from ithaca.data.packing import document_ids, document_positions, document_starts
 from ithaca.kernels import attention, linear_attention
 from ithaca.models.linear_attention import AttendLinear
+from ithaca.models.llama_args import KernelChoice
 from ithaca.models.llama import Attend
 from ithaca.parallel.allgather_kv import allgather_kv_attention
 from ithaca.parallel.lasp2 import lasp2_attention
@@ -19,7 +20,7 @@ from ithaca.parallel.ulysses import ulysses_attention
 from ithaca.parallel.usp import usp_attention
 
 
-def make_attend(mesh: ParallelMesh, sp_method: str, kernels: str = "auto") -> Attend:
+def make_attend(mesh: ParallelMesh, sp_method: str, kernels: KernelChoice = "auto") -> Attend:
     """Causal softmax attention for this mesh: local, or split over sp by `sp_method`; `kernels`
     (model.kernels) picks the attention kernel."""
     if mesh.sp == 1:
@@ -34,7 +35,7 @@ def make_attend(mesh: ParallelMesh, sp_method: str, kernels: str = "auto") -> At
     return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring, impl=kernels)
 
 
-def make_attend_linear(mesh: ParallelMesh, kernels: str = "auto") -> AttendLinear:
+def make_attend_linear(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> AttendLinear:
     """Linear attention: the local chunked form, or LASP-2 over the sp group in the mesh's layout."""
     if mesh.sp == 1:
         return lambda q, k, v, log_decay, resets: linear_attention(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 MIXERS = {"S": "softmax attention", "L": "linear attention"}
+KernelChoice = Literal["auto", "triton", "reference"]
+"""What a run may force for every op at once (`model.kernels`); ops accept more names of their own."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +37,7 @@ class LlamaArgs:
     lightning attention)."""
     linear_output_gate: bool = True
     """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
-    kernels: Literal["auto", "triton", "reference"] = "auto"
+    kernels: KernelChoice = "auto"
     """Which implementation every fused op runs (norms, RoPE, SwiGLU, the loss, softmax and linear
     attention; ithaca.kernels): auto = our Triton kernels (flash-attn for softmax attention where it
     applies) on CUDA and the best exact PyTorch path elsewhere; triton forces ours (a CUDA run, or

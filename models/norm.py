@@ -7,13 +7,14 @@ from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
 from ithaca.kernels import rms_norm
+from ithaca.models.llama_args import KernelChoice
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last dim; with `residual`, the pre-norm block's
     fused add: returns (norm(x + residual), x + residual)."""
 
-    def __init__(self, dim: int, eps: float, impl: str):
+    def __init__(self, dim: int, eps: float, impl: KernelChoice):
         super().__init__()
         self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.ones(dim))
@@ -32,7 +33,7 @@ class HeadRMSNorm(nn.Module):
     would get a different partial gradient on each tp rank (each sees only its heads).
     """
 
-    def __init__(self, local_heads: int, head_dim: int, eps: float, impl: str):
+    def __init__(self, local_heads: int, head_dim: int, eps: float, impl: KernelChoice):
         super().__init__()
         self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.ones(local_heads, head_dim))

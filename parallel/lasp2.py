@@ -56,8 +56,8 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     decay) or [b, s, h] (per-token gates, this rank's part); `scale` defaults to d_k^-0.5, applied
     to q; `resets` [b, s] bool marks tokens that start a document. `impl` picks the local
     computation (ithaca.kernels.linear_attention.linear_attention). Returns o [b, s, h, d_v] in
-    q's dtype. Communication: one all-gather of P * b * h * (d_k*d_v + 1) elements forward, one
-    reduce-scatter of as many backward. Raises ValueError on shapes that do not fit.
+    q's dtype. Communication: one all-gather of P * pieces * b * h * (d_k*d_v + 1) elements forward
+    (pieces = 1 per rank contiguous, 2 under a zigzag layout), one reduce-scatter of as many backward. Raises ValueError on shapes that do not fit.
     """
     check_linear_attention_inputs("lasp2_attention", q, k, v, log_decay, resets)
     b, s, h, d_k = q.shape

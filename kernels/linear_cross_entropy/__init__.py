@@ -46,7 +46,7 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
         raise ValueError(f"{op}: token_chunk={token_chunk}, vocab_chunk={vocab_chunk}; both must be >= 1")
     vocab = weight.shape[0] * (1 if group is None else dist.get_world_size(group))  # global ids under tp
     if labels.numel():
-        lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()  # one host sync for the whole check
+        lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()  # one reduction for the whole check
         if lo.item() < 0 or hi.item() >= vocab:
             raise ValueError(f"{op}: labels hold ids in [{lo.item()}, {hi.item()}] that are not ignore_index="
                              f"{ignore_index}; each must be in [0, {vocab}) (the whole vocabulary)")

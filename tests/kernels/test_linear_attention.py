@@ -105,6 +105,17 @@ def test_triton_equals_recurrent(kind, with_state, with_resets, dtype):
         torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name} {where}: {m}")
 
 
+def test_triton_with_several_state_blocks_each_way():
+    """d_k = 40 and d_v = 36 span three and three 16-wide blocks under the interpreter: the state
+    passes and the gradient kernels loop over blocks on both sides of the state."""
+    gen = torch.Generator().manual_seed(6)
+    inputs = make_inputs("gated", 37, 40, 36, with_state=True, with_resets=True, gen=gen)
+    cot = cotangents(inputs, gen)
+    want = run(partial(linear_attention_reference, scale=0.5), inputs, torch.float32, cot)
+    got = run(partial(linear_attention, scale=0.5, impl="triton"), inputs, torch.float32, cot)
+    compare(got, want, "d_k=40 d_v=36", **FP32)
+
+
 def test_reset_equals_running_documents_separately():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 12, 1, 4, generator=gen) for _ in range(3))
