@@ -15,6 +15,7 @@ from ithaca.kernels.linear_attention.chunked import linear_attention_chunked
 from ithaca.kernels.linear_attention.reference import linear_attention_reference
 
 B, H = 2, 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on a GPU, interpreted without
 # fp32: the chunked forms only reorder the recurrence's sums (seen: ~1e-6 relative); 1e-4 absolute
 # also covers the [h] decay's gradient, a sum over b*s tokens of terms of size ~10.
 FP32 = dict(rtol=1e-4, atol=1e-4)
@@ -37,7 +38,7 @@ def make_inputs(kind: str, s: int, d_k: int, d_v: int, with_state: bool, with_re
         resets[1, 16] = True  # on the interpreter's chunk edge (16 tokens)
         resets[1, 15] = True  # and a one-token document that ends a chunk
         inputs["resets"] = resets
-    return inputs
+    return {name: None if t is None else t.to(DEVICE) for name, t in inputs.items()}
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, cotangents: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def compare(got: dict, want: dict, where: str, **tol) -> None:
 def cotangents(inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, d_k = inputs["q"].shape
     d_v = inputs["v"].shape[-1]
-    return torch.randn(b, s, h, d_v, generator=gen), torch.randn(b, h, d_k, d_v, generator=gen)
+    return torch.randn(b, s, h, d_v, generator=gen).to(DEVICE), torch.randn(b, h, d_k, d_v, generator=gen).to(DEVICE)
 
 
 KINDS = ["plain", "fixed", "gated"]

@@ -4,6 +4,7 @@ whole logits: loss and both gradients under a random per-token upstream gradient
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -22,18 +23,20 @@ from ithaca.kernels.linear_cross_entropy import linear_cross_entropy
 # [2, 4)) apart from the spec's single matmul.
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 SMALL_CHUNKS = dict(token_chunk=8, vocab_chunk=16)  # n=37, V=101: 5 x 7 blocks, ragged on both sides
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on a GPU, interpreted without
 
 
-def _inputs(n: int, vocab: int, d: int, dtype: torch.dtype, ignore_index: int, seed: int) -> tuple:
+def _inputs(n: int, vocab: int, d: int, dtype: torch.dtype, ignore_index: int, seed: int,
+            device: str = DEVICE) -> tuple:
     """hidden [n, d], weight [vocab, d], labels [n] with some ignored (all of rows 8..15: a whole
-    token chunk), upstream gradient [n] fp32 of random per-token weights."""
+    token chunk), upstream gradient [n] fp32 of random per-token weights, on `device`."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=gen).to(dtype)
     weight = torch.randn(vocab, d, generator=gen).to(dtype)
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[torch.rand(n, generator=gen) < 0.2] = ignore_index
     labels[8:16] = ignore_index
-    return hidden, weight, labels, torch.rand(n, generator=gen)
+    return tuple(t.to(device) for t in (hidden, weight, labels, torch.rand(n, generator=gen)))
 
 
 def _loss_and_grads(fn, hidden, weight, labels, grad) -> list[torch.Tensor]:
@@ -81,14 +84,19 @@ def test_mean_loss_and_default_chunks(impl):
     _compare(got, want, TOL[torch.float32], impl)
 
 
+# gloo ranks hold CPU tensors: Triton runs there only interpreted (on a GPU machine the
+# single-process tests above run it compiled)
+VOCAB_PARALLEL_CASES = [("reference", torch.float32), ("chunked", torch.float32), ("chunked", torch.bfloat16),
+                        ("reference", torch.bfloat16)] + (
+    [("triton", torch.float32)] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
 def _vocab_parallel_cases() -> int:
     """On each rank: this rank's shard through every impl equals its part of the whole-weight spec."""
     rank, tp, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     local_vocab = 27  # ragged against vocab_chunk=16
-    cases = [("reference", torch.float32), ("chunked", torch.float32), ("triton", torch.float32),
-             ("chunked", torch.bfloat16), ("reference", torch.bfloat16)]
-    for i, (impl, dtype) in enumerate(cases):
-        hidden, weight, labels, grad = _inputs(21, local_vocab * tp, 8, dtype, -100, seed=10 + i)
+    for i, (impl, dtype) in enumerate(VOCAB_PARALLEL_CASES):
+        hidden, weight, labels, grad = _inputs(21, local_vocab * tp, 8, dtype, -100, seed=10 + i, device="cpu")
         rows = slice(rank * local_vocab, (rank + 1) * local_vocab)
         want = _loss_and_grads(_spec(-100), hidden, weight, labels, grad)
         want[2] = want[2][rows]
@@ -96,16 +104,16 @@ def _vocab_parallel_cases() -> int:
             lambda h, w, y: linear_cross_entropy(h, w, y, group=group, impl=impl, token_chunk=8, vocab_chunk=16),
             hidden, weight[rows], labels, grad)
         _compare(got, want, TOL[dtype], f"{impl} {dtype} rank {rank}/{tp}")
-    hidden, weight, labels, _ = _inputs(21, local_vocab * tp, 8, torch.float32, -100, seed=0)
+    hidden, weight, labels, _ = _inputs(21, local_vocab * tp, 8, torch.float32, -100, seed=0, device="cpu")
     labels[0] = local_vocab * tp  # a global id one past the end: refused; ids past the local shard are fine
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(hidden, weight[:local_vocab], labels, group=group)
-    return len(cases)
+    return len(VOCAB_PARALLEL_CASES)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_matches_whole_weight(tp):
-    assert run_ranks(_vocab_parallel_cases, tp) == [5] * tp
+    assert run_ranks(_vocab_parallel_cases, tp) == [len(VOCAB_PARALLEL_CASES)] * tp
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -146,7 +154,7 @@ def test_auto_is_chunked_off_cuda(monkeypatch):
     logger = logging.getLogger(_backend.__name__)
     logger.addHandler(handler)
     try:
-        hidden, weight, labels, _ = _inputs(19, 40, 8, torch.float32, -100, seed=4)
+        hidden, weight, labels, _ = _inputs(19, 40, 8, torch.float32, -100, seed=4, device="cpu")
         linear_cross_entropy(hidden, weight, labels)
     finally:
         logger.removeHandler(handler)
@@ -154,8 +162,8 @@ def test_auto_is_chunked_off_cuda(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    hidden, weight, labels, _ = _inputs(19, 40, 8, torch.float32, -100, seed=5)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, labels, _ = _inputs(19, 40, 8, torch.float32, -100, seed=5, device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         linear_cross_entropy(hidden, weight, labels, impl="triton")
 
