@@ -19,7 +19,6 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -99,12 +98,10 @@ def main() -> None:
     from ithaca.data.inputs import default_inputs, expand_inputs
 
     files = expand_inputs(args.input) if args.input else default_inputs()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import torch
+    from bench.header import bench_header  # imports torch: after CUDA_VISIBLE_DEVICES is set above
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"data_pipeline: device={device} torch={torch.__version__} commit={commit} config={args.config} "
-          f"tokenizer={args.tokenizer} input={sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} files")
+    print(bench_header("data_pipeline", args.device, f"config={args.config} tokenizer={args.tokenizer} "
+                       f"input={sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} files"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = _train_bpe(files, tmp / "bpe.json") if args.tokenizer == "bpe" else args.tokenizer

@@ -38,6 +38,9 @@ if [ -z "${PYTHON:-}" ]; then  # the lent GPU machine's python3; here, the proje
   [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 fi
 "$PYTHON" -c "import torch, triton" || { echo "gpu_check.sh: $PYTHON cannot import torch and triton; set PYTHON" >&2; exit 2; }
+if [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_check.sh: torch sees no CUDA device here; run it on the GPU machine, or --device cpu" >&2; exit 2
+fi
 mkdir -p "$OUT_DIR"
 
 # --- setup -------------------------------------------------------------------------------------
@@ -53,7 +56,7 @@ unset ITHACA_POISON
 if [ "$DEVICE" = cuda ]; then
   unset TRITON_INTERPRET  # compiled kernels: the point of this run
   export DS_ACCELERATOR=cuda
-  WHERE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())") || { echo "no CUDA device" >&2; exit 1; }
+  WHERE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")
   MEMORY_ARGS=""
 else
   export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu

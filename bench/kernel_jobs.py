@@ -22,6 +22,7 @@ from ithaca.kernels.rope import rope
 from ithaca.kernels.rope.reference import rope_inv_freq, rope_reference
 from ithaca.kernels.swiglu import swiglu
 from ithaca.kernels.swiglu.reference import swiglu_reference
+from ithaca.models.linear_attention import retention_log_decay
 
 OPS = ("attention", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "linear_attention")
 EPS, THETA = 1e-5, 10000.0
@@ -71,16 +72,6 @@ class Env:
 
 
 @dataclass
-class Impl:
-    """One way to compute the op: `fn` runs its forward and returns the output(s) that take cotangents."""
-
-    name: str
-    fn: Callable[[], Any] | None = None
-    skip: str | None = None
-    on_error: str = "failed"
-
-
-@dataclass
 class Job:
     op: str
     shape: str
@@ -95,29 +86,30 @@ def _brief(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:100]}"
 
 
-def _peer(name: str, module: str, attr: str, call: Callable[[Callable[..., Any]], Any], env: Env) -> Impl:
+def _peer(name: str, module: str, attr: str, call: Callable[[Callable[..., Any]], Any], env: Env) -> Candidate:
     """The candidate call(module.attr), or a skip saying why the peer cannot run here."""
     try:
         fn = getattr(importlib.import_module(module), attr)
     except Exception as error:  # ImportError, or a peer that breaks on import against this torch
-        return Impl(name, skip=f"{module} not importable ({_brief(error)})")
+        return Candidate(name, skip=f"{module} not importable ({_brief(error)})")
     if not env.cuda:
-        return Impl(name, skip=f"{module} runs on CUDA only")
-    return Impl(name, lambda: call(fn))
+        return Candidate(name, skip=f"{module} runs on CUDA only")
+    return Candidate(name, lambda: call(fn))
 
 
-def _compiled(name: str, fn: Callable[..., Any], call: Callable[[Callable[..., Any]], Any], env: Env) -> Impl:
+def _compiled(name: str, fn: Callable[..., Any], call: Callable[[Callable[..., Any]], Any], env: Env) -> Candidate:
     """The candidate call(torch.compile(fn)); compilation happens in its warm-up call."""
     if not env.compile:
-        return Impl(name, skip="--no-compile")
+        return Candidate(name, skip="--no-compile")
     compiled = torch.compile(fn, dynamic=False)
-    return Impl(name, lambda: call(compiled), on_error="failed" if env.cuda else "skipped: compile failed on the CPU")
+    return Candidate(name, lambda: call(compiled), on_error="failed" if env.cuda else "skipped: compile failed on the CPU")
 
 
-def _jobs(op: str, shape: str, impls: list[Impl], inputs: tuple[torch.Tensor, ...],
+def _jobs(op: str, shape: str, impls: list[Candidate], inputs: tuple[torch.Tensor, ...],
           cotangents: tuple[torch.Tensor, ...] | None, fwd_work: float, total_work: float, unit: str,
           forward_alone: bool) -> list[Job]:
-    """The fwd+bwd job (and the fwd-only one) over one set of inputs: every Impl as a Candidate.
+    """The fwd+bwd job (and the fwd-only one) over one set of inputs. Each of `impls` runs the op's
+    forward and returns what takes cotangents; the jobs' candidates wrap that into a timed call.
 
     Backward is torch.autograd.grad of the outputs with respect to `inputs` (no .grad
     accumulation between calls); `cotangents` None means the output is a scalar loss.
@@ -136,7 +128,7 @@ def _jobs(op: str, shape: str, impls: list[Impl], inputs: tuple[torch.Tensor, ..
         return run
 
     def candidates(make: Callable[[Callable[[], Any]], Callable[[], None]]) -> list[Candidate]:
-        return [Candidate(i.name, skip=i.skip) if i.fn is None else Candidate(i.name, make(i.fn), on_error=i.on_error)
+        return [Candidate(i.name, skip=i.skip) if i.run is None else Candidate(i.name, make(i.run), on_error=i.on_error)
                 for i in impls]
 
     jobs = [Job(op, shape, "fwd+bwd", total_work, unit, candidates(forward_backward))]
@@ -191,21 +183,21 @@ def attention_jobs(s: int, env: Env, with_docs: bool) -> list[Job]:
     dout = _randn(1, s, z.heads, z.head_dim, env=env, gen=gen, grad=False)
     doc = min(z.doc_len, s)
     doc_ids = (torch.arange(s, device=env.device) // doc)[None] if with_docs else None
-    impls = [Impl(f"ours [{env.ours}]", lambda: attention(q, k, v, doc_ids=doc_ids, impl=env.ours))]
+    impls = [Candidate(f"ours [{env.ours}]", lambda: attention(q, k, v, doc_ids=doc_ids, impl=env.ours))]
     if with_docs:
         # flash-attn's varlen kernel takes one sequence per document: their offsets are made once per
         # batch, outside the timing; q, k, v as [tokens, heads, d]
         cu_seqlens = torch.tensor([*range(0, s, doc), s], dtype=torch.int32, device=env.device)
-        impls.append(Impl("eager [ours, impl=tiled]", lambda: attention(q, k, v, doc_ids=doc_ids, impl="tiled")))
+        impls.append(Candidate("eager [ours, impl=tiled]", lambda: attention(q, k, v, doc_ids=doc_ids, impl="tiled")))
         try:
             mask = _document_block_mask(doc_ids, env) if env.compile else None
             impls.append(_compiled("torch.compile [flex_attention]", _flex, lambda flex: flex(q, k, v, mask), env))
         except Exception as error:
-            impls.append(Impl("torch.compile [flex_attention]", skip=f"create_block_mask failed: {_brief(error)}"))
+            impls.append(Candidate("torch.compile [flex_attention]", skip=f"create_block_mask failed: {_brief(error)}"))
         impls.append(_peer("flash-attn 2 [varlen]", "flash_attn", "flash_attn_varlen_func", lambda varlen: varlen(
             q[0], k[0], v[0], cu_seqlens, cu_seqlens, doc, doc, causal=True)[None], env))
     else:
-        impls += [Impl("eager [F.sdpa]", lambda: _sdpa(q, k, v)),
+        impls += [Candidate("eager [F.sdpa]", lambda: _sdpa(q, k, v)),
                   _compiled("torch.compile [F.sdpa]", _sdpa, lambda sdpa: sdpa(q, k, v), env),
                   _peer("flash-attn 2", "flash_attn", "flash_attn_func",  # [b, s, h, d] and GQA, as ours
                         lambda flash: flash(q, k, v, causal=True), env)]
@@ -227,8 +219,8 @@ def rms_norm_jobs(s: int, env: Env, with_residual: bool) -> list[Job]:
     x, weight = _randn(s, z.hidden, env=env, gen=gen), _randn(z.hidden, env=env, gen=gen)
     residual = _randn(s, z.hidden, env=env, gen=gen) if with_residual else None
     dy, ds = (_randn(s, z.hidden, env=env, gen=gen, grad=False) for _ in range(2))
-    impls = [Impl(f"ours [{env.ours}]", lambda: rms_norm(x, weight, EPS, residual=residual, impl=env.ours)),
-             Impl("eager [reference]", lambda: rms_norm_reference(x, weight, EPS, residual)),
+    impls = [Candidate(f"ours [{env.ours}]", lambda: rms_norm(x, weight, EPS, residual=residual, impl=env.ours)),
+             Candidate("eager [reference]", lambda: rms_norm_reference(x, weight, EPS, residual)),
              _compiled("torch.compile [reference]", rms_norm_reference, lambda f: f(x, weight, EPS, residual), env)]
     # "gemma" casting with offset 0: x * rstd * weight all in fp32, as ours; in_place=False because
     # liger's default writes dx over the incoming gradient, which ours never does
@@ -260,8 +252,8 @@ def rope_jobs(s: int, env: Env) -> list[Job]:
         q_rot, k_rot = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
 
-    impls = [Impl(f"ours [{env.ours}]", lambda: rope(q, k, positions, THETA, impl=env.ours)),
-             Impl("eager [reference]", lambda: rope_reference(q, k, positions, THETA)),
+    impls = [Candidate(f"ours [{env.ours}]", lambda: rope(q, k, positions, THETA, impl=env.ours)),
+             Candidate("eager [reference]", lambda: rope_reference(q, k, positions, THETA)),
              _compiled("torch.compile [reference]", rope_reference, lambda f: f(q, k, positions, THETA), env),
              _peer("liger rope", LIGER, "liger_rope", liger, env)]
     work = 4 * s * (z.heads + z.kv_heads) * z.head_dim * q.element_size()
@@ -275,8 +267,8 @@ def swiglu_jobs(s: int, env: Env) -> list[Job]:
     gen = torch.Generator().manual_seed(0)
     gate, up = (_randn(s, z.ffn, env=env, gen=gen) for _ in range(2))
     dy = _randn(s, z.ffn, env=env, gen=gen, grad=False)
-    impls = [Impl(f"ours [{env.ours}]", lambda: swiglu(gate, up, impl=env.ours)),
-             Impl("eager [reference]", lambda: swiglu_reference(gate, up)),
+    impls = [Candidate(f"ours [{env.ours}]", lambda: swiglu(gate, up, impl=env.ours)),
+             Candidate("eager [reference]", lambda: swiglu_reference(gate, up)),
              _compiled("torch.compile [reference]", swiglu_reference, lambda f: f(gate, up), env),
              # silu in fp32 like ours; liger multiplies by `up` in bf16 where ours multiplies in fp32
              _peer("liger swiglu", LIGER, "liger_swiglu", lambda f: f(gate, up), env)]
@@ -299,8 +291,8 @@ def linear_cross_entropy_jobs(n: int, env: Env) -> list[Job]:
     weight = _randn(z.vocab, z.hidden, env=env, gen=gen, scale=z.hidden ** -0.5)
     labels = torch.randint(0, z.vocab, (n,), generator=gen).to(env.device)
     naive = "F.cross_entropy(h @ W.T)"
-    impls = [Impl(f"ours [{env.ours}]", lambda: linear_cross_entropy(hidden, weight, labels, impl=env.ours).mean()),
-             Impl(f"eager [{naive}]", lambda: _naive_cross_entropy(hidden, weight, labels)),
+    impls = [Candidate(f"ours [{env.ours}]", lambda: linear_cross_entropy(hidden, weight, labels, impl=env.ours).mean()),
+             Candidate(f"eager [{naive}]", lambda: _naive_cross_entropy(hidden, weight, labels)),
              _compiled(f"torch.compile [{naive}]", _naive_cross_entropy, lambda f: f(hidden, weight, labels), env),
              # accum_dtype fp32: ours accumulates dweight in fp32 (liger's default, in bf16). Liger
              # computes the gradients inside its forward; its backward only scales them.
@@ -315,11 +307,6 @@ def linear_cross_entropy_jobs(n: int, env: Env) -> list[Job]:
 
 
 # ---- linear attention --------------------------------------------------------------------------
-
-def _retention_log_decay(heads: int) -> torch.Tensor:
-    """RetNet's per-head decays log(1 - 2^(-5 - head)), as models/linear_attention.py and fla's chunk_retention use."""
-    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float32))))
-
 
 def linear_attention_jobs(s: int, env: Env, gated: bool) -> list[Job]:
     """Retention ([h] fixed decays, no gradient) or gated ([b, s, h] per-token decays, with gradient).
@@ -336,13 +323,13 @@ def linear_attention_jobs(s: int, env: Env, gated: bool) -> list[Job]:
     if gated:
         log_decay = (F.logsigmoid(torch.randn(1, s, h, generator=gen)) * GATE_SCALE).to(env.device).requires_grad_()
     else:
-        log_decay = _retention_log_decay(h).to(env.device)
-    impls = [Impl(f"ours [{env.ours}]", lambda: linear_attention(q, k, v, log_decay, scale=scale, impl=env.ours)[0]),
-             Impl("eager [ours, impl=chunked]",
+        log_decay = retention_log_decay(h).to(env.device)
+    impls = [Candidate(f"ours [{env.ours}]", lambda: linear_attention(q, k, v, log_decay, scale=scale, impl=env.ours)[0]),
+             Candidate("eager [ours, impl=chunked]",
                   lambda: linear_attention(q, k, v, log_decay, scale=scale, impl="chunked")[0])]
     chunks = -(-s // LINEAR_CHUNK)
     if chunks > COMPILE_MAX_CHUNKS:
-        impls.append(Impl("torch.compile [chunked]", skip=f"not attempted: dynamo unrolls the chunked form's loop, "
+        impls.append(Candidate("torch.compile [chunked]", skip=f"not attempted: dynamo unrolls the chunked form's loop, "
                           f"{chunks} chunk bodies in one graph (tried up to {COMPILE_MAX_CHUNKS})"))
     else:
         impls.append(_compiled("torch.compile [chunked]", linear_attention_chunked, lambda f: f(

@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768, help="linear-CE vocabulary V")
     parser.add_argument("--dim", type=int, default=512, help="linear-CE hidden size d")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     print(bench_header("memory", args.device, f"dtype={str(dtype).removeprefix('torch.')} heads={HEADS} "
                        f"kv_heads={KV_HEADS} head_dim={HEAD_DIM} doc_len={DOC}"))

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bench.header import bench_header
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
@@ -120,10 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     import deepspeed
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), gloo"
-    print(f"# sp_attention: device={device_name} torch={torch.__version__} deepspeed={deepspeed.__version__} "
-          f"commit={commit} heads={HEADS} kv_heads={KV_HEADS} head_dim={HEAD_DIM} batch=1 causal")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    print(bench_header("sp_attention", args.device, f"backend={backend} deepspeed={deepspeed.__version__} "
+                       f"heads={HEADS} kv_heads={KV_HEADS} head_dim={HEAD_DIM} batch=1 causal"))
     print("| N | P | method | fwd+bwd ms (median) | ratio_vs_ulysses | bytes sent/rank | formula | measured/formula |")
     print("|---|---|---|---|---|---|---|---|")
     for world in args.world:

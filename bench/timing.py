@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,8 +26,9 @@ from bench.peak_memory import peak_bytes
 @dataclass
 class Candidate:
     name: str
-    run: Callable[[], None] | None = None
-    """One call of the job: the forward, or the forward and the backward."""
+    run: Callable[[], Any] | None = None
+    """One call of the job: the forward, or the forward and the backward (bench/kernel_jobs.py first
+    holds the op's bare forward here, returning its outputs, and wraps it into such a call)."""
     skip: str | None = None
     """Why it does not run (printed as "skipped: <skip>"); run is then None."""
     on_error: str = "failed"

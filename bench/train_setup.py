@@ -6,25 +6,23 @@ import dataclasses
 import os
 
 import torch
-import torch.distributed as dist
 
 from ithaca.launcher.config_load import load_config
+from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear
 from ithaca.models.llama import Llama
 from ithaca.models.llama_args import LlamaArgs
-from ithaca.parallel.megatron_bridge import initialize_megatron, model_parallel_config
-from ithaca.parallel.mesh import ParallelMesh, build_mesh
+from ithaca.parallel.megatron_bridge import model_parallel_config
+from ithaca.parallel.mesh import ParallelMesh
 
 
-def init_single_process(device: str) -> ParallelMesh:
-    """A one-rank process group and mesh (megatron-core's layers need its parallel state)."""
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, device_type=device)
-    initialize_megatron(mesh)
-    return mesh
+def init_single_process() -> ParallelMesh:
+    """The training loop's process-group setup for one rank (nccl on a GPU machine, gloo otherwise):
+    megatron-core's layers need its parallel state."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(name, value)
+    return init_distributed(dp=1, pp=1, tp=1, sp=1).mesh
 
 
 def build_model(mesh: ParallelMesh, config: str, kernels: str, device: str,

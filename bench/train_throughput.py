@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.device == "cpu" and torch.cuda.is_available():
+        parser.error("--device cpu on a machine with a GPU: the process group would be nccl; hide the GPU "
+                     "(CUDA_VISIBLE_DEVICES=) or use --device cuda")
     cuda = args.device == "cuda"
     configs = args.configs or (["llama-1b-32k", "hybrid-1b-128k"] if cuda else ["debug-cpu", "debug-hybrid-cpu"])
     seq_len = args.seq_len or (8192 if cuda else 128)
@@ -64,7 +69,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     peaks = device_peaks(args.device)
     peak = None if peaks is None else peaks[0]
-    mesh = init_single_process(args.device)
+    mesh = init_single_process()
     print(bench_header("train_throughput", args.device, f"dtype={str(dtype).removeprefix('torch.')} "
                        f"seq_len={seq_len} doc_len={doc_len} steps={args.steps} warmup={args.warmup} "
                        f"peak={'-' if peak is None else f'{peak / 1e12:.0f}TFLOP/s'}"))

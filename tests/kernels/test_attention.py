@@ -69,5 +69,7 @@ def test_bad_shapes_and_impl():
         attention(q, q, q, doc_ids=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="impl='sdpa' takes no document ids"):
         attention(q, q, q, doc_ids=docs, impl="sdpa")
+    with pytest.raises(ValueError, match="impl='flash' takes no kv_doc_ids and no scale"):
+        attention(q, q, q, scale=0.3, impl="flash")
     with pytest.raises(ValueError, match="impl='fast'"):
         attention(q, q, q, impl="fast")

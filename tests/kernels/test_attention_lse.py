@@ -16,6 +16,7 @@ import torch
 from ithaca.kernels.attention import attention_lse_bwd, attention_lse_fwd
 from ithaca.kernels.attention.reference import attention_lse_bwd_reference, attention_lse_fwd_reference
 from ithaca.kernels.attention.tiled import attention_lse_bwd_tiled, attention_lse_fwd_tiled
+from twin import random_doc_ids
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -27,9 +28,7 @@ def _docs(kind: str, b: int, n: int, gen: torch.Generator) -> torch.Tensor | Non
         return None
     if kind == "edges":  # documents starting exactly at tile edges 16 and 32 (interpreter tiles are 16)
         return (torch.arange(n) // 16).expand(b, n).contiguous()
-    starts = torch.rand(b, n, generator=gen) < 0.15  # "random": about 7 tokens each
-    starts[:, 0] = True
-    return starts.long().cumsum(1)
+    return random_doc_ids(b, n, gen)  # "random": about 7 tokens each
 
 
 def _inputs(b, s_q, s_k, heads, kv_heads, d, docs, seed):
@@ -156,6 +155,10 @@ def test_bad_inputs():
         attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="fast")
     with pytest.raises(ValueError, match="q, k and v must share one dtype"):
         attention_lse_fwd(q, q.bfloat16(), q.bfloat16(), is_causal=True, scale=1.0)
+    with pytest.raises(ValueError, match="impl='flash' takes no document ids; use"):
+        attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="flash", q_doc_ids=docs, k_doc_ids=docs)
+    with pytest.raises(ValueError, match="impl='cpu' takes no document ids and no causal mask over other keys"):
+        attention_lse_fwd(q, q[:, :3], q[:, :3], is_causal=True, scale=1.0, impl="cpu")
     with pytest.raises(ValueError, match="impl='cpu' takes no document ids"):
         attention_lse_fwd(q, q, q, is_causal=True, scale=1.0, impl="cpu", q_doc_ids=docs, k_doc_ids=docs)
     with pytest.raises(ValueError, match="kv_doc_ids must be"):
