@@ -7,19 +7,12 @@ import subprocess
 
 import torch
 
-
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
-"""Dense bf16 FLOP/s and HBM bytes/s of the SXM parts."""
+from ithaca.launcher.step_metrics import gpu_peaks
 
 
 def device_peaks(device: str) -> tuple[float, float] | None:
-    """(FLOP/s, bytes/s) of an H100/H200 SXM; None for any other device (PCIe and NVL parts differ)."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    if "PCIe" in name or "NVL" in name:
-        return None
-    return next((peaks for key, peaks in PEAKS.items() if key in name), None)
+    """(FLOP/s, bytes/s) of this GPU from the training loop's table; None on the CPU or a GPU not in it."""
+    return gpu_peaks(torch.cuda.get_device_name()) if device == "cuda" else None
 
 
 def bench_header(name: str, device: str, details: str) -> str:

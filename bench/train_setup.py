@@ -9,11 +9,10 @@ import torch
 
 from ithaca.launcher.config_load import load_config
 from ithaca.launcher.distributed import init_distributed
-from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear
 from ithaca.models.llama import Llama
 from ithaca.models.llama_args import LlamaArgs
-from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
+from ithaca.parallel.parallelize import parallelize_llama
 
 
 def init_single_process() -> ParallelMesh:
@@ -31,7 +30,5 @@ def build_model(mesh: ParallelMesh, config: str, kernels: str, device: str,
     cfg = load_config(config, ["data.path=unused", "parallel.dp=1", "parallel.tp=1", "parallel.sp=1",
                                "parallel.sp_method=ulysses", "parallel.ulysses_degree=null"])
     args = dataclasses.replace(cfg.model, kernels=kernels)
-    torch.manual_seed(0)
-    model = Llama(args, model_parallel_config(mesh, dtype), make_attend(mesh, "ulysses", kernels),
-                  make_attend_linear(mesh, kernels))
+    model = parallelize_llama(args, mesh, dtype=dtype)
     return model.to(device), args

@@ -10,9 +10,11 @@ what fits. After --warmup steps of each, the two kernel settings alternate step 
 
     MFU = (6 N + 12 L H Q T) * tokens/s / peak      (PaLM, arXiv:2204.02311, appendix B)
 
-N = parameters outside the input embedding, L = softmax layers, H heads, Q head dim, T the
-sequence length; linear-attention layers' state work is not counted (MFU is an underestimate for
-hybrids). Peak = the device's dense bf16 rate (H100/H200 SXM: 989 TFLOP/s; other devices print "-").
+N = parameters outside the input embedding (a tied one counts: it is the output projection too),
+L = softmax layers, H heads, Q head dim, T the sequence length; linear-attention layers' state
+work is not counted (MFU is an underestimate for hybrids). Peak = the device's dense bf16 rate
+(H100/H200 SXM: 989 TFLOP/s; other devices print "-"). The formula and the peak table are the
+training loop's own (launcher/step_metrics.py).
 
 Run:  python -m bench.train_throughput --device cuda [--seq-len 8192]
       python -m bench.train_throughput --device cpu          (toy size; a test keeps it running)
@@ -30,6 +32,7 @@ import torch.distributed as dist
 
 from bench.header import bench_header, device_peaks
 from bench.train_setup import build_model, init_single_process
+from ithaca.launcher.step_metrics import count_params, flops_per_token, mfu
 
 def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:
     from ithaca.data.packing import document_starts
@@ -40,12 +43,6 @@ def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, tor
     return {"tokens": window[:, :-1].to(device), "labels": window[:, 1:].to(device),
             "positions": (torch.arange(seq_len) % doc_len)[None].to(device), "doc_ids": doc_ids.to(device),
             "resets": document_starts(doc_ids).to(device)}
-
-
-def _flops_per_token(model: torch.nn.Module, args, seq_len: int) -> float:
-    params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed."))
-    softmax_layers = sum(args.mixer(i) == "S" for i in range(args.n_layers))
-    return 6 * params + 12 * softmax_layers * args.n_heads * args.head_dim * seq_len
 
 
 def main() -> None:
@@ -91,10 +88,10 @@ def main() -> None:
                 print(f"| {config} | {kernels} | OOM | - | - | - |")
                 continue
             t = statistics.median(times[kernels])
-            mfu = "-" if peak is None else f"{run.flops_per_token * seq_len / t / peak:.3f}"
+            utilization = "-" if peak is None else f"{mfu(run.flops_per_token, seq_len / t, peak):.3f}"
             ratio = "-" if ref is None else f"{ref / t:.2f}"
             peak_gib = "-" if run.peak_gib is None else f"{run.peak_gib:.1f}"  # CUDA allocator only
-            print(f"| {config} | {kernels} | {seq_len / t:.0f} | {ratio} | {mfu} | {peak_gib} |")
+            print(f"| {config} | {kernels} | {seq_len / t:.0f} | {ratio} | {utilization} | {peak_gib} |")
         del runs
         if cuda:
             torch.cuda.empty_cache()
@@ -110,7 +107,7 @@ class _Run:
         self.model, self.args = build_model(mesh, config, kernels, device, dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.batch = _batch(self.args.vocab_size, seq_len, doc_len, device)
-        self.flops_per_token = _flops_per_token(self.model, self.args, seq_len)
+        self.flops_per_token = flops_per_token(self.args, count_params(self.model, tp=1), seq_len)
         self.failed = False
         self.peak_gib: float | None = 0.0 if device == "cuda" else None
 

@@ -35,13 +35,17 @@ class ParallelConfig:
     in the sequence layout this choice implies."""
     ulysses_degree: int | None = None
     """usp only: ranks per Ulysses group (the same node); the ring spans sp / ulysses_degree groups."""
+    pp_split: tuple[int, ...] | None = None
+    """Blocks per pipeline stage, e.g. [3, 5] for pp=2 (the embedding sits on the first stage, the
+    final norm and the output loss on the last); omitted balances stages by parameter count."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "sp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}", getattr(self, name), "a degree is >= 1")
-        if self.pp != 1:
-            raise ConfigError("parallel.pp", self.pp, "pipeline parallelism is not built yet; set parallel.pp=1")
+        if self.pp_split is not None and (len(self.pp_split) != self.pp or min(self.pp_split) < 1):
+            raise ConfigError("parallel.pp_split", list(self.pp_split),
+                              f"give pp={self.pp} block counts, each >= 1 (every stage holds a block)")
         if self.sp_method == "usp":
             if self.ulysses_degree is None or self.ulysses_degree < 1 or self.sp % self.ulysses_degree:
                 raise ConfigError("parallel.ulysses_degree", self.ulysses_degree,
@@ -148,11 +152,17 @@ class TrainConfig:
     log_every: int = 1
     output_dir: str = "runs/default"
     """Where checkpoints, the resolved config and the local MLflow store go."""
+    peak_tflops: float | None = None
+    """One device's dense bf16 peak in TFLOP/s, the denominator of the logged MFU; omitted means
+    looked up from the GPU's name (launcher/step_metrics.py), and no MFU where it is not known."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "use 1 or more")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):  # NaN fails too
+            raise ConfigError("train.peak_tflops", self.peak_tflops, "use a finite number > 0 (TFLOP/s), or "
+                              "omit it to look the peak up from the GPU's name")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,11 +216,6 @@ class RunConfig:
         if self.model.vocab_size % tp:
             raise ConfigError("model.vocab_size", self.model.vocab_size,
                               f"must be divisible by tp={tp}; pad it to a multiple of {tp}")
-        if self.train.zero_stage == 3 and sp > 1:
-            # Seen with DeepSpeed 0.19.8: under ZeRO-3 the sp ranks' gradients are not summed
-            # (layout-parity test), so training would silently diverge from the 1-process run.
-            raise ConfigError("train.zero_stage", 3, f"ZeRO-3 does not reduce gradients over sp={sp} ranks "
-                              "in DeepSpeed 0.19.8; use zero_stage 1 or 2 with sequence parallelism")
         chunks = sp if p.ring == 1 else 2 * sp  # the ring's zigzag cuts 2 chunks per ring rank
         if self.data.seq_len % chunks:
             raise ConfigError("data.seq_len", self.data.seq_len,
@@ -219,6 +224,26 @@ class RunConfig:
         if self.train.global_batch % per_step:
             raise ConfigError("train.global_batch", self.train.global_batch,
                               f"must be a multiple of micro_batch*dp={per_step}")
+        if p.pp > 1:
+            self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        p, layers = self.parallel, self.model.n_layers
+        if p.pp > layers:
+            raise ConfigError("parallel.pp", p.pp, f"more stages than model.n_layers={layers}: every stage "
+                              "needs a block; use pp <= n_layers")
+        if p.pp_split is not None and sum(p.pp_split) != layers:
+            raise ConfigError("parallel.pp_split", list(p.pp_split),
+                              f"the block counts sum to {sum(p.pp_split)}, not model.n_layers={layers}")
+        if self.train.zero_stage > 1:
+            raise ConfigError("train.zero_stage", self.train.zero_stage,
+                              f"DeepSpeed's pipeline engine (pp={p.pp}) supports ZeRO stage 0 or 1 only; set "
+                              "train.zero_stage=1, or pp=1 for ZeRO-2/3")
+        if self.grad_accum_steps < p.pp:
+            raise ConfigError("train.global_batch", self.train.global_batch,
+                              f"gives {self.grad_accum_steps} micro-batches per step, fewer than pp={p.pp} stages "
+                              f"(the pipeline would idle most of each step); use global_batch >= "
+                              f"{p.pp * self.train.micro_batch * p.dp} (pp*micro_batch*dp)")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -237,4 +262,6 @@ class RunConfig:
                               f"change the degrees or start {p.world_size} processes")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain YAML-safe values (tuples become lists)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                     for k, v in items})

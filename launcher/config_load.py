@@ -105,6 +105,11 @@ def convert(hint: Any, value: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(name, value, f"expected a mapping of {key_type.__name__} to {value_type.__name__}")
         return {convert(key_type, k, name): convert(value_type, v, f"{name}.{k}") for k, v in value.items()}
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        (item_type, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(name, value, f"expected a list of {item_type.__name__}, e.g. [2, 2]")
+        return tuple(convert(item_type, v, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

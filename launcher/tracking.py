@@ -1,4 +1,6 @@
-"""MLflow tracking for a run, on rank 0: params = the resolved config, metrics per step, config artifact."""
+"""MLflow tracking for a run, on rank 0: params = the resolved config, metrics per step, config artifact,
+and MLflow's system metrics ("system/...": CPU, memory, disk, network; GPUs where nvidia-ml-py is
+installed) of rank 0's machine, sampled every 10 s by MLflow's own thread."""
 
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri(cfg))
         if run_id is None:
             self._use_experiment(cfg)
-            self.run = mlflow.start_run(run_name=cfg.tracking.run_name)
+            self.run = mlflow.start_run(run_name=cfg.tracking.run_name, log_system_metrics=True)
             mlflow.log_params(flatten(cfg.to_dict()))
             mlflow.log_text(config_yaml, "config.yaml")
         else:
-            self.run = mlflow.start_run(run_id=run_id)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)  # continues system/ steps
         self.run_id = self.run.info.run_id
 
     def _use_experiment(self, cfg: RunConfig) -> None:

@@ -17,17 +17,18 @@ import torch.distributed as dist
 import yaml
 
 from ithaca.data.loader import PackedLoader, Source
+from ithaca.data.packing import document_ids, document_positions, document_starts
 from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
 from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
-from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear, sequence_slice
 from ithaca.launcher.tracking import Tracker
 from ithaca.log import get_logger
-from ithaca.models.llama import Llama
-from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
+from ithaca.parallel.parallelize import parallelize_llama
+from ithaca.parallel.pipeline import gradient_divisor, micro_batch_inputs
+from ithaca.parallel.sequence_layout import sequence_part
 
 log = get_logger(__name__)
 
@@ -42,6 +43,26 @@ class StepRecord:
     seconds: float
 
 
+def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None) -> list[torch.Tensor | None]:
+    """A window [b, L+1] -> this sp rank's [tokens, labels, positions, doc_ids, resets], each
+    [b, L/sp], in the layout its attention expects (parallel/sequence_layout.py).
+
+    Labels are shifted on the whole window before the split, so the label at each part's edge is kept.
+    With `eos_id`, documents are found on the whole window too: doc_ids mark them, resets their
+    first tokens, and positions restart at each; without it those two are None and positions
+    run 0..L-1.
+    """
+    tokens, labels = window[:, :-1], window[:, 1:]
+    doc_ids = resets = None
+    if eos_id is None:
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    else:
+        doc_ids = document_ids(tokens, eos_id)
+        positions, resets = document_positions(doc_ids), document_starts(doc_ids)
+    return [None if t is None else sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
+            for t in (tokens, labels, positions, doc_ids, resets)]
+
+
 def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, device: torch.device,
                eos_id: int | None) -> tuple[float, int]:
     """Forward/backward every micro-batch and step; returns (global mean token loss, global token count).
@@ -52,13 +73,20 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
     sums[1] = sum(int((labels >= 0).sum()) for _, labels, *_ in slices)
     dist.all_reduce(sums[1:], group=mesh.group("dp_sp"))
     global_tokens = sums[1].item()
-    # DeepSpeed divides gradients by dp (after summing over dp x sp) and by the micro-batch count.
-    scale = mesh.dp * len(slices) / global_tokens
-    for tokens, labels, positions, doc_ids, resets in slices:
-        loss_sum = engine(tokens, positions, labels, doc_ids, resets).sum()
-        engine.backward(loss_sum * scale)
-        engine.step()
-        sums[0] += loss_sum.detach().double()
+    # DeepSpeed averages the summed gradients (gradient_divisor) and divides by the micro-batch count.
+    scale = gradient_divisor(mesh, pipelined=mesh.pp > 1) * len(slices) / global_tokens
+    if mesh.pp > 1:
+        loss_fn = engine.module.loss_fn
+        loss_fn.start_step(scale)
+        engine.train_batch(iter([micro_batch_inputs(*s) for s in slices]))
+        sums[0] = loss_fn.step_sum if engine.is_last_stage() else 0.0
+        dist.all_reduce(sums[:1], group=mesh.group("pp"))  # the last stage's sum, to every stage
+    else:
+        for tokens, labels, positions, doc_ids, resets in slices:
+            loss_sum = engine(tokens, positions, labels, doc_ids, resets).sum()
+            engine.backward(loss_sum * scale)
+            engine.step()
+            sums[0] += loss_sum.detach().double()
     dist.all_reduce(sums[:1], group=mesh.group("dp_sp"))
     return sums[0].item() / global_tokens, int(global_tokens)
 
@@ -76,10 +104,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         (output / "config.yaml").write_text(config_yaml)
         log.info(f"resolved config:\n{config_yaml}")
 
-    torch.manual_seed(cfg.train.seed)  # same seed on every rank: whole weights are drawn, then split
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = Llama(cfg.model, model_parallel_config(mesh, dtype), make_attend(mesh, p.sp_method, cfg.model.kernels),
-                  make_attend_linear(mesh, cfg.model.kernels), tp_group=mesh.group("tp"))
+    model = parallelize_llama(cfg.model, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=dtype,
+                              pp_split=None if p.pp_split is None else list(p.pp_split))
     engine = build_engine(cfg, model, mesh)
 
     step, loader_states, run_id = 0, None, None

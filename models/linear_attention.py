@@ -1,8 +1,9 @@
 """A linear-attention token mixer with decay, feature map, output norm and output gate options.
 
 Heads are split over tp like softmax attention's (q, k and v have n_heads heads; no GQA here).
-The sequence mixing itself is a callable handed in (`attend_linear`), so this file never
-communicates: the launcher passes the local chunked form or `ithaca.parallel.lasp2_attention`.
+The sequence mixing itself is the mixer's `attend` (models/mixer.py's LinearAttend), local when
+built; `ithaca.parallel.parallelize` swaps in `ithaca.parallel.lasp2_attention` on the mesh, so
+this file never communicates.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ from torch import nn
 from ithaca.kernels import swiglu
 from ithaca.models.init import normal_init
 from ithaca.models.llama_args import LlamaArgs
-from ithaca.models.mixer import SequenceInfo
+from ithaca.models.mixer import LinearAttend, LocalLinearAttend, SequenceInfo, recompute
 from ithaca.models.norm import HeadRMSNorm
-
-AttendLinear = Callable[..., torch.Tensor]
-"""attend_linear(q [b, s, h, d], k, v, log_decay=None | [h] | [b, s, h], resets=[b, s] or None) -> [b, s, h, d]."""
 
 GATE_LOGIT_NORMALIZER = 16.0
 """GLA divides log-sigmoid gates by 16 so decays start close to 1 (arXiv:2312.06635, section 4.4)."""
@@ -42,10 +40,12 @@ def retention_log_decay(n_heads: int) -> torch.Tensor:
 
 
 class LinearAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend_linear: AttendLinear, tp_rank: int):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_rank: int):
         super().__init__()
         tp = mp.tensor_model_parallel_size
-        self.args, self.attend_linear = args, attend_linear
+        self.args = args
+        self.attend: LinearAttend = LocalLinearAttend(args.kernels)
+        self.selective = args.activation_checkpointing == "selective"
         self.local_heads, self.head_dim = args.n_heads // tp, args.head_dim
         width = args.n_heads * args.head_dim
         # stride=3: the master weight is [q; k; v] and each tp rank takes its heads of all three
@@ -67,18 +67,28 @@ class LinearAttention(nn.Module):
             init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x)[0].view(b, s, 3, self.local_heads, self.head_dim).unbind(2)  # [b, s, h/tp, d] each
+        gate = self.gate(x)[0] if self.args.linear_decay == "gated" else None
+        out_gate = self.out_gate(x)[0] if self.args.linear_output_gate else None
+        qkv = self.qkv(x)[0]
+        o = recompute(self.mix, qkv, gate, out_gate, seq) if self.selective else self.mix(qkv, gate, out_gate, seq)
+        return self.out(o)[0]
+
+    def mix(self, qkv: torch.Tensor, gate: torch.Tensor | None, out_gate: torch.Tensor | None,
+            seq: SequenceInfo) -> torch.Tensor:
+        """The interior between the projections (feature maps, decay, linear attention, output norm
+        and gate): the projections' outputs -> [b, s, h/tp * d]."""
+        b, s, _ = qkv.shape
+        q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).unbind(2)  # [b, s, h/tp, d] each
         feature = FEATURE_MAPS[self.args.linear_feature_map]
         log_decay = None
-        if self.args.linear_decay == "gated":
-            log_decay = F.logsigmoid(self.gate(x)[0].float()) / GATE_LOGIT_NORMALIZER  # [b, s, h/tp]
+        if gate is not None:
+            log_decay = F.logsigmoid(gate.float()) / GATE_LOGIT_NORMALIZER  # [b, s, h/tp]
         elif self.args.linear_decay == "retention":
             log_decay = self.log_decay
-        o = self.attend_linear(feature(q), feature(k), v, log_decay=log_decay, resets=seq.resets)
+        o = self.attend(feature(q), feature(k), v, log_decay=log_decay, resets=seq.resets)
         if self.args.linear_output_norm:
             o = self.out_norm(o)
         o = o.reshape(b, s, -1)
-        if self.args.linear_output_gate:
-            o = swiglu(self.out_gate(x)[0], o, impl=self.args.kernels)  # silu(x W_gate) * o
-        return self.out(o)[0]
+        if out_gate is not None:
+            o = swiglu(out_gate, o, impl=self.args.kernels)  # silu(x W_gate) * o
+        return o

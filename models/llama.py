@@ -7,9 +7,13 @@ What is unusual here:
   (`use_cpu_initialization`), so every dp/tp/sp layout starts from the same function.
 - q, k and v come from one column-parallel projection laid out per kv group as
   [g query heads, k, v] (g = n_heads / n_kv_heads), so a contiguous tp split keeps groups whole.
-- Attention over the (possibly sequence-parallel) heads is a callable handed in by the caller
-  (`attend(q, k, v)`), so this file never communicates: the launcher passes plain attention or
-  `ithaca.parallel.ulysses_attention` bound to its sp group.
+- Each mixer calls its `attend` (models/mixer.py: a typed Protocol), local attention when built;
+  `ithaca.parallel.parallelize` swaps in sequence-parallel attention bound to the mesh, so this
+  file never communicates.
+- Every part (embedding, each block, the head) draws its weights from its own seed
+  (`init.part_seed`), so a pipeline stage that builds only its blocks gets the whole model's weights.
+- `args.activation_checkpointing` recomputes in the backward pass what the forward dropped: whole
+  blocks (full) or each mixer's interior between its input and output projections (selective).
 - Layers mix tokens with softmax attention or linear attention (models/linear_attention.py) as
   `layer_pattern` says, so the same class builds Llama, linear-attention and hybrid models.
 - Pre-norm blocks hand the stream on unadded: each norm adds the previous block's output to the
@@ -22,7 +26,6 @@ What is unusual here:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,23 +34,19 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from ithaca.kernels import linear_cross_entropy, rope, swiglu
-from ithaca.models.init import normal_init
-from ithaca.models.linear_attention import AttendLinear, LinearAttention
+from ithaca.models.init import normal_init, part_seed
+from ithaca.models.linear_attention import LinearAttention
 from ithaca.models.llama_args import LlamaArgs
-from ithaca.models.mixer import SequenceInfo
+from ithaca.models.mixer import LocalSoftmaxAttend, SequenceInfo, SoftmaxAttend, recompute
 from ithaca.models.norm import RMSNorm
-
-Attend = Callable[..., torch.Tensor]
-"""attend(q [b, s, h, d], k [b, s, h_kv, d], v [b, s, h_kv, d], doc_ids=[b, s] or None) -> [b, s, h, d],
-causal and, given doc_ids, inside each packed document."""
-
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig):
         super().__init__()
         tp = mp.tensor_model_parallel_size
-        self.attend = attend
+        self.attend: SoftmaxAttend = LocalSoftmaxAttend(args.kernels)
+        self.selective = args.activation_checkpointing == "selective"
         self.rope_theta, self.kernels = args.rope_theta, args.kernels
         self.head_dim = args.head_dim
         self.group_size = args.n_heads // args.kv_heads  # query heads per kv head
@@ -61,15 +60,19 @@ class Attention(nn.Module):
             skip_bias_add=False, init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        b, s, _ = x.shape
         qkv, _ = self.qkv(x)
+        o = recompute(self.mix, qkv, seq) if self.selective else self.mix(qkv, seq)
+        out, _ = self.out(o)
+        return out
+
+    def mix(self, qkv: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        """The interior between the projections: RoPE and attention, [b, s, qkv width] -> [b, s, h/tp * d]."""
+        b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.local_kv_heads, self.group_size + 2, self.head_dim)
         q = qkv[:, :, :, : self.group_size].reshape(b, s, -1, self.head_dim)  # [b, s, h/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, h_kv/tp, d]
         q, k = rope(q, k, seq.positions, self.rope_theta, impl=self.kernels)
-        o = self.attend(q, k, v, doc_ids=seq.doc_ids)
-        out, _ = self.out(o.reshape(b, s, -1))
-        return out
+        return self.attend(q, k, v, doc_ids=seq.doc_ids).reshape(b, s, -1)
 
 
 class FeedForward(nn.Module):
@@ -98,11 +101,18 @@ class Block(nn.Module):
         self.attn = mixer
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.ffn = FeedForward(args, mp)
+        self.full_recompute = args.activation_checkpointing == "full"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                 seq: SequenceInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous block's output, not yet added to the stream `residual` (None: x is the
         embedding, the stream's start) -> (this block's output, not yet added; the stream)."""
+        if self.full_recompute:
+            return recompute(self.compute, x, residual, seq)
+        return self.compute(x, residual, seq)
+
+    def compute(self, x: torch.Tensor, residual: torch.Tensor | None,
+                seq: SequenceInfo) -> tuple[torch.Tensor, torch.Tensor]:
         normed, residual = self.attn_norm(x, residual)
         normed, residual = self.ffn_norm(self.attn(normed, seq), residual)
         return self.ffn(normed), residual
@@ -131,33 +141,46 @@ class OutputLoss(tensor_parallel.ColumnParallelLinear):
         return losses.view(b, s)
 
 
+def build_embedding(args: LlamaArgs, mp: ModelParallelConfig, seed: int) -> tensor_parallel.VocabParallelEmbedding:
+    """The vocab-parallel token embedding (part 0 of the model)."""
+    with part_seed(seed, 0):
+        return tensor_parallel.VocabParallelEmbedding(args.vocab_size, args.dim,
+                                                      init_method=normal_init(args.init_std), config=mp)
+
+
+def build_block(args: LlamaArgs, mp: ModelParallelConfig, seed: int, layer: int, tp_rank: int) -> Block:
+    """Block `layer` (part layer + 1) with its mixer from `args.layer_pattern`, local attention."""
+    with part_seed(seed, layer + 1):
+        mixer = LinearAttention(args, mp, tp_rank) if args.mixer(layer) == "L" else Attention(args, mp)
+        return Block(args, mp, mixer)
+
+
+def build_head(args: LlamaArgs, mp: ModelParallelConfig, seed: int,
+               tp_group: dist.ProcessGroup | None) -> OutputLoss:
+    """The output projection with the loss (the last part); its vocabulary split over `tp_group`."""
+    with part_seed(seed, args.n_layers + 1):
+        return OutputLoss(args, mp, tp_group if mp.tensor_model_parallel_size > 1 else None)
+
+
 class Llama(nn.Module):
     """tokens [b, s], their positions [b, s], labels [b, s] (< 0: no target) and, for packed
     documents, document ids [b, s] and document starts (`resets`, [b, s] bool, found on the whole
     sequence) -> per-token losses [b, s] fp32.
 
-    `attend` mixes softmax layers, `attend_linear` linear layers; `tp_group` (None: tp = 1) splits
-    the vocabulary of the loss and picks this rank's heads' fixed decays.
+    Built with local attention; `ithaca.parallel.parallelize` makes it sequence parallel. `seed`
+    draws the weights (whole, then split over tp by megatron-core); `tp_group` (None: tp = 1)
+    splits the vocabulary of the loss and picks this rank's heads' fixed decays.
     """
 
-    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, attend: Attend,
-                 attend_linear: AttendLinear | None = None, tp_group: dist.ProcessGroup | None = None):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, *, seed: int = 0,
+                 tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-        if "L" in args.layer_pattern and attend_linear is None:
-            raise ValueError(f"Llama: layer_pattern={args.layer_pattern!r} has linear layers; pass attend_linear")
         self.args = args
-        self.embed = tensor_parallel.VocabParallelEmbedding(
-            args.vocab_size, args.dim, init_method=normal_init(args.init_std), config=mp)
-
-        def mixer(layer: int) -> nn.Module:
-            if args.mixer(layer) == "L":
-                return LinearAttention(args, mp, attend_linear, tp_rank)
-            return Attention(args, mp, attend)
-
-        self.blocks = nn.ModuleList(Block(args, mp, mixer(i)) for i in range(args.n_layers))
+        self.embed = build_embedding(args, mp, seed)
+        self.blocks = nn.ModuleList(build_block(args, mp, seed, i, tp_rank) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
-        self.head = OutputLoss(args, mp, tp_group if mp.tensor_model_parallel_size > 1 else None)
+        self.head = build_head(args, mp, seed, tp_group)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                 doc_ids: torch.Tensor | None = None, resets: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Literal
 
 MIXERS = {"S": "softmax attention", "L": "linear attention"}
 KernelChoice = Literal["auto", "triton", "reference"]
+Recompute = Literal["none", "full", "selective"]
 """What a run may force for every op at once (`model.kernels`); ops accept more names of their own."""
 
 
@@ -43,6 +44,13 @@ class LlamaArgs:
     applies) on CUDA and the best exact PyTorch path elsewhere; triton forces ours (a CUDA run, or
     TRITON_INTERPRET=1 on the CPU: slow, for tests); reference = the plain PyTorch specs (dense
     attention scores, full logits: small models only). Each op logs once which one runs and why."""
+    activation_checkpointing: Recompute = "none"
+    """Recompute activations in the backward pass instead of keeping them from the forward: none;
+    full (each block keeps only its inputs and runs again in the backward pass: about one [b, s, dim]
+    stream per layer stays); selective (each mixer's interior, between its input and output
+    projections, is recomputed: RoPE and attention, or linear attention with its chunk states,
+    feature maps, decays, output norm and gate; the projections' outputs are kept, as Megatron's
+    selective recompute does). Exact either way: the same loss and gradients."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
@@ -60,6 +68,18 @@ class LlamaArgs:
                              f"{', '.join(f'{k} ({v})' for k, v in MIXERS.items())}; unknown: {''.join(sorted(unknown))}")
         if self.n_layers % len(self.layer_pattern):
             raise ValueError(f"layer_pattern={self.layer_pattern!r}: its length must divide n_layers={self.n_layers}")
+
+    def part_parameters(self) -> list[int]:
+        """Parameters of each part in model order, whole (before any tp split): the embedding, each
+        block, then the final norm with the output head (what pipeline stages are balanced by)."""
+        d, hd, h = self.dim, self.head_dim, self.n_heads
+        ffn_and_norms = 3 * d * self.ffn_dim + 2 * d
+        softmax = d * (h + 2 * self.kv_heads) * hd + h * hd * d
+        linear = (4 if self.linear_output_gate else 3) * d * h * hd + h * hd * d
+        linear += (d * h + h if self.linear_decay == "gated" else 0) + (h * hd if self.linear_output_norm else 0)
+        blocks = [ffn_and_norms + (linear if self.mixer(i) == "L" else softmax) for i in range(self.n_layers)]
+        head = d + (0 if self.tie_embeddings else self.vocab_size * d)
+        return [self.vocab_size * d, *blocks, head]
 
     def mixer(self, layer: int) -> str:
         """The letter of layer `layer`'s mixer."""

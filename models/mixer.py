@@ -1,10 +1,20 @@
-"""What every token mixer is given besides its input: the sequence's positions and documents."""
+"""The seam between token mixers and parallelism: what a mixer is given, and the attention it calls.
+
+A model is built with local (single-device) attention. `ithaca.parallel.parallelize` later swaps
+each mixer's `attend` for a sequence-parallel one bound to the mesh; anything that meets the
+Protocols below fits, so a library user can plug in their own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from ithaca.kernels import attention, linear_attention
+from ithaca.models.llama_args import KernelChoice
 
 
 @dataclass(frozen=True)
@@ -17,3 +27,53 @@ class SequenceInfo:
     """[b, s] packed-document ids, or None for one sequence per row."""
     resets: torch.Tensor | None
     """[b, s] bool, True where a document starts (found on the whole sequence, before any split)."""
+
+
+class SoftmaxAttend(Protocol):
+    """Causal softmax attention over this rank's part of the sequence: q [b, s, h, d], k and v
+    [b, s, h_kv, d] -> [b, s, h, d]; given `doc_ids` [b, s], attention stays inside each document."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 doc_ids: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class LinearAttend(Protocol):
+    """Causal linear attention (scale d^-0.5 on q): q, k, v [b, s, h, d] -> [b, s, h, d]; `log_decay`
+    is None, per head [h] or per token [b, s, h]; `resets` [b, s] bool drop the state at document starts."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, log_decay: torch.Tensor | None,
+                 resets: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LocalSoftmaxAttend:
+    """SoftmaxAttend on one device through the attention kernel dispatch."""
+
+    kernels: KernelChoice = "auto"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 doc_ids: torch.Tensor | None) -> torch.Tensor:
+        return attention(q, k, v, is_causal=True, doc_ids=doc_ids, impl=self.kernels)
+
+
+@dataclass(frozen=True)
+class LocalLinearAttend:
+    """LinearAttend on one device through the linear-attention kernel dispatch."""
+
+    kernels: KernelChoice = "auto"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, log_decay: torch.Tensor | None,
+                 resets: torch.Tensor | None) -> torch.Tensor:
+        return linear_attention(q, k, v, log_decay, scale=q.shape[-1] ** -0.5, resets=resets, impl=self.kernels)[0]
+
+
+def recompute(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), its activations dropped after the forward and recomputed in the backward pass.
+
+    Non-reentrant: it takes any arguments (a SequenceInfo), works with ZeRO-3's parameter hooks,
+    and every rank recomputes in the same order, so collectives inside fn (ring, LASP-2, Ulysses,
+    tp) pair up again. Nothing here draws random numbers, so the recomputation is exact.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)

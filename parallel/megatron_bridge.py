@@ -44,7 +44,7 @@ def model_parallel_config(mesh: ParallelMesh, dtype: torch.dtype) -> ModelParall
     return ModelParallelConfig(
         tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=mesh.pp,
         context_parallel_size=mesh.sp, use_cpu_initialization=True, perform_initialization=True,
-        params_dtype=dtype, gradient_accumulation_fusion=False)
+        params_dtype=dtype, pipeline_dtype=dtype, gradient_accumulation_fusion=False)
 
 
 class DeepSpeedMpu:

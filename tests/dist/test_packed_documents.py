@@ -17,17 +17,14 @@ EOS = 256
 def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     from ithaca.data.packing import document_ids, document_positions, document_starts
     from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.sequence_parallel import make_attend, make_attend_linear
-    from ithaca.models.llama import Llama
-    from ithaca.parallel.megatron_bridge import initialize_megatron, model_parallel_config
+    from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
+    from ithaca.parallel.parallelize import parallelize_llama
 
     cfg = load_config(config, ["data.path=unused", "parallel.dp=1", "parallel.sp=1", *overrides])
     mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, device_type="cpu")
     initialize_megatron(mesh)
-    torch.manual_seed(0)
-    model = Llama(cfg.model, model_parallel_config(mesh, torch.float32), make_attend(mesh, "ulysses"),
-                  make_attend_linear(mesh))
+    model = parallelize_llama(cfg.model, mesh)
     gen = torch.Generator().manual_seed(1)
     docs = [torch.cat([torch.randint(0, 256, (n,), generator=gen), torch.tensor([EOS])]) for n in (9, 1, 14)]
     window = torch.cat(docs)[None]  # [1, 27]: three documents, each ending in EOS

@@ -1,0 +1,82 @@
+"""One step from a model description to a model laid out on a mesh, torchtitan-style.
+
+    model = parallelize_llama(args, mesh, sp_method="ring", seed=0, dtype=torch.bfloat16)
+
+- tp: megatron-core's layers are built already split over the mesh's tp group (weights drawn
+  whole, then split), from `model_parallel_config(mesh)`;
+- pp: with mesh.pp > 1 the model is built as DeepSpeed pipeline stages (parallel/pipeline.py),
+  each rank holding only its own stage's parts;
+- sp: every mixer's `attend` is swapped for the sequence-parallel method of its kind: softmax
+  layers get `sp_method` (Ulysses, ring, USP or all-gather K/V), linear layers LASP-2 in the same
+  sequence layout;
+- activation checkpointing is the model's own (`args.activation_checkpointing`).
+Nothing here reads a config file or imports the launcher.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ithaca.models.linear_attention import LinearAttention
+from ithaca.models.llama import Attention, Llama
+from ithaca.models.llama_args import KernelChoice, LlamaArgs
+from ithaca.models.mixer import LinearAttend, LocalLinearAttend, LocalSoftmaxAttend, SoftmaxAttend
+from ithaca.parallel.allgather_kv import allgather_kv_attention
+from ithaca.parallel.lasp2 import lasp2_attention
+from ithaca.parallel.megatron_bridge import model_parallel_config
+from ithaca.parallel.mesh import ParallelMesh
+from ithaca.parallel.ring import ring_attention
+from ithaca.parallel.ulysses import ulysses_attention
+from ithaca.parallel.usp import usp_attention
+
+SpMethod = Literal["ulysses", "ring", "usp", "allgather"]
+
+
+def softmax_attend(mesh: ParallelMesh, sp_method: SpMethod, kernels: KernelChoice = "auto") -> SoftmaxAttend:
+    """Causal softmax attention for this mesh: local, or split over sp by `sp_method`."""
+    if mesh.sp == 1:
+        return LocalSoftmaxAttend(kernels)
+    if sp_method == "ulysses":
+        return partial(ulysses_attention, group=mesh.group("sp"), causal=True, impl=kernels)
+    if sp_method == "ring":
+        return partial(ring_attention, group=mesh.group("ring"), causal=True, impl=kernels)
+    if sp_method == "usp":
+        return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True,
+                       impl=kernels)
+    return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring, impl=kernels)
+
+
+def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> LinearAttend:
+    """Linear attention for this mesh: the local chunked form, or LASP-2 over sp in the mesh's layout."""
+    if mesh.sp == 1:
+        return LocalLinearAttend(kernels)
+    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels)
+
+
+def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpMethod,
+                            kernels: KernelChoice = "auto") -> nn.Module:
+    """Give every mixer in `model` (a Llama or pipeline stages) the attention of its kind for `mesh`."""
+    softmax, linear = softmax_attend(mesh, sp_method, kernels), linear_attend(mesh, kernels)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attend = softmax
+        elif isinstance(module, LinearAttention):
+            module.attend = linear
+    return model
+
+
+def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, sp_method: SpMethod = "ulysses", seed: int = 0,
+                      dtype: torch.dtype = torch.float32, pp_split: list[int] | None = None) -> nn.Module:
+    """This rank's part of the model `args` on `mesh`: a Llama, or with mesh.pp > 1 a DeepSpeed
+    PipelineModule of this rank's stage (`pp_split`: blocks per stage; None balances parameters)."""
+    mp = model_parallel_config(mesh, dtype)
+    if mesh.pp > 1:
+        from ithaca.parallel.pipeline import pipeline_llama  # imports DeepSpeed
+        model = pipeline_llama(args, mesh, mp, seed=seed, pp_split=pp_split)
+    else:
+        model = Llama(args, mp, seed=seed, tp_group=mesh.group("tp"))
+    return apply_sequence_parallel(model, mesh, sp_method, args.kernels)

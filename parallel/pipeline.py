@@ -1,0 +1,235 @@
+"""Pipeline parallelism: the Llama as DeepSpeed pipeline stages (`deepspeed.pipe`).
+
+Why DeepSpeed's engine and not torch.distributed.pipelining: the rest of a run is a DeepSpeed
+engine (optimizer, ZeRO-1, bf16, clipping, checkpoints); its PipelineEngine is that engine with a
+1F1B schedule, runs over gloo on CPU, and keeps every other feature as it is. torch's pipelining
+would need its own optimizer, clipping and checkpoint path beside DeepSpeed's.
+
+The model is a flat list of parts: [embedding, block 0 .. block L-1, final norm, output loss].
+Stage s holds a contiguous run of blocks (stage 0 also the embedding, the last stage also the norm
+and the loss). Between parts, and between stages, travels one tuple of tensors:
+
+    (x, residual, positions, labels[, doc_ids, resets])
+
+x is the last block's output not yet added to the residual stream (the fused-norm convention of
+models/llama.py), so the packed-document facts and the labels ride with the activations; resets
+travel as uint8 (DeepSpeed's p2p sends no bool over gloo) and integer tensors get no gradient.
+The last stage returns per-token losses and the loss function sums them, scaled by the
+training loop's token weighting (DESIGN.md, "Loss and counts under SP").
+
+Rank layout: DeepSpeed's grid sees axes (pipe, data, model) = (pp, dp x sp, tp), which is our
+mesh's order (pp slowest, tp fastest) with dp x sp flattened; its "data" group is our dp_sp group,
+so ZeRO-1 reduces gradients over dp x sp and divides by dp x sp (see `gradient_divisor`).
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import ProcessTopology
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from ithaca.models.llama import build_block, build_embedding, build_head
+from ithaca.models.llama_args import LlamaArgs
+from ithaca.models.mixer import SequenceInfo
+from ithaca.models.norm import RMSNorm
+from ithaca.parallel.mesh import ParallelMesh
+
+Activations = tuple[torch.Tensor, ...]
+
+
+def pack(x: torch.Tensor, residual: torch.Tensor | None, seq: SequenceInfo, labels: torch.Tensor) -> tuple:
+    """The tuple one part hands the next (residual is None only inside stage 0, right after the embedding)."""
+    docs = () if seq.doc_ids is None else (seq.doc_ids, seq.resets.to(torch.uint8))
+    return (x, residual, seq.positions, labels, *docs)
+
+
+def unpack(items: tuple) -> tuple[torch.Tensor, torch.Tensor | None, SequenceInfo, torch.Tensor]:
+    """pack's inverse -> (x, residual, seq, labels)."""
+    x, residual, positions, labels, *docs = items
+    doc_ids, resets = docs if docs else (None, None)
+    seq = SequenceInfo(positions=positions, doc_ids=doc_ids, resets=None if resets is None else resets.bool())
+    return x, residual, seq, labels
+
+
+def micro_batch_inputs(tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                       doc_ids: torch.Tensor | None, resets: torch.Tensor | None) -> tuple[Activations, torch.Tensor]:
+    """One micro-batch as the pipeline engine loads it: (first stage's inputs, last stage's labels)."""
+    docs = () if doc_ids is None else (doc_ids, resets.to(torch.uint8))
+    return (tokens, positions, labels, *docs), labels
+
+
+class EmbeddingPart(nn.Module):
+    """(tokens, positions, labels[, doc_ids, resets]) -> the activations tuple; with tied embeddings
+    the same module ends the pipeline too (`loss`), so DeepSpeed ties its weight across the stages."""
+
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, seed: int, tp_group: dist.ProcessGroup | None):
+        super().__init__()
+        self.embed = build_embedding(args, mp, seed)
+        if args.tie_embeddings:
+            self.head = build_head(args, mp, seed, tp_group)  # holds no weight of its own
+
+    def forward(self, inputs: Activations) -> tuple:
+        tokens, positions, labels, *docs = inputs
+        return (self.embed(tokens), None, positions, labels, *docs)
+
+    def loss(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, labels = inputs
+        return self.head(hidden, labels, weight=self.embed.weight)
+
+
+class BlockPart(nn.Module):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, seed: int, layer: int, tp_rank: int):
+        super().__init__()
+        self.block = build_block(args, mp, seed, layer, tp_rank)
+
+    def forward(self, inputs: tuple) -> tuple:
+        x, residual, seq, labels = unpack(inputs)
+        x, residual = self.block(x, residual, seq)
+        return pack(x, residual, seq, labels)
+
+
+class FinalNormPart(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
+
+    def forward(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual, _, labels = unpack(inputs)
+        hidden, _ = self.norm(x, residual)
+        return hidden, labels
+
+
+class LossPart(nn.Module):
+    """(hidden, labels) -> per-token losses [b, s] (the output head of an untied model)."""
+
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, seed: int, tp_group: dist.ProcessGroup | None):
+        super().__init__()
+        self.head = build_head(args, mp, seed, tp_group)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, labels = inputs
+        return self.head(hidden, labels)
+
+
+class TokenWeightedLoss:
+    """The pipeline's loss_fn: sum of this micro-batch's token losses times the step's `scale`
+    (set by the training loop before each step); keeps the unscaled sum of the step."""
+
+    def __init__(self) -> None:
+        self.scale, self.step_sum = 1.0, torch.zeros((), dtype=torch.float64)
+
+    def start_step(self, scale: float) -> None:
+        self.scale, self.step_sum = scale, torch.zeros((), dtype=torch.float64)
+
+    def __call__(self, losses: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        total = losses.sum()
+        self.step_sum = self.step_sum + total.detach().double().cpu()
+        return total * self.scale
+
+
+class StagedPipeline(PipelineModule):
+    """A PipelineModule whose stage bounds are given (`parts`: layer-list offsets, one more than stages).
+
+    DeepSpeed balances by building every layer to count its parameters; ours are counted from the
+    architecture (LlamaArgs.part_parameters) or given as parallel.pp_split, so each rank builds only
+    its own stage's parts.
+    """
+
+    def __init__(self, layers: list, parts: list[int], **kwargs):
+        self._given_parts = parts
+        super().__init__(layers, **kwargs)
+
+    def _partition_layers(self, method: str = "given") -> None:  # DeepSpeed's hook, called from __init__
+        self.parts = self._given_parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def balance_blocks(weights: list[int], pp: int) -> list[int]:
+    """Blocks per stage that minimize the heaviest stage; `weights` are the parts' parameter counts
+    [embedding, blocks..., head] (the embedding sits on stage 0, the head on the last stage)."""
+    first, *blocks, last = weights
+    n = len(blocks)
+    prefix = [0]
+    for w in blocks:
+        prefix.append(prefix[-1] + w)
+
+    def stage_weight(stage: int, start: int, stop: int) -> int:
+        return prefix[stop] - prefix[start] + (first if stage == 0 else 0) + (last if stage == pp - 1 else 0)
+
+    # best[s][i]: the lightest possible heaviest stage when stages 0..s hold blocks 0..i-1
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(pp)]
+    cut = [[0] * (n + 1) for _ in range(pp)]
+    for i in range(1, n + 1):
+        best[0][i] = stage_weight(0, 0, i)
+    for s in range(1, pp):
+        for i in range(s + 1, n + 1):
+            for j in range(s, i):  # stage s holds blocks j..i-1, every stage at least one
+                heaviest = max(best[s - 1][j], stage_weight(s, j, i))
+                if heaviest < best[s][i]:
+                    best[s][i], cut[s][i] = heaviest, j
+    counts, i = [], n
+    for s in range(pp - 1, 0, -1):
+        counts.append(i - cut[s][i])
+        i = cut[s][i]
+    return [i, *reversed(counts)]
+
+
+def stage_blocks(args: LlamaArgs, pp: int, pp_split: list[int] | None) -> list[int]:
+    """Blocks per stage: `pp_split` as given, else balanced by parameter count."""
+    if pp_split is not None:
+        if len(pp_split) != pp or sum(pp_split) != args.n_layers or min(pp_split) < 1:
+            raise ValueError(f"pp_split={pp_split}: give {pp} block counts, each >= 1, summing to "
+                             f"n_layers={args.n_layers}")
+        return list(pp_split)
+    return balance_blocks(args.part_parameters(), pp)
+
+
+def pipeline_topology(mesh: ParallelMesh) -> ProcessTopology:
+    """DeepSpeed's view of the mesh, checked against ours: (pipe, data = dp x sp, model = tp)."""
+    topology = ProcessTopology(axes=["pipe", "data", "model"], dims=[mesh.pp, mesh.dp * mesh.sp, mesh.tp])
+    rank = dist.get_rank()
+    coord = topology.get_coord(rank)
+    here = (mesh.rank("pp"), mesh.rank("dp_sp"), mesh.rank("tp"))
+    assert (coord.pipe, coord.data, coord.model) == here, f"rank {rank}: DeepSpeed sees {coord}, the mesh {here}"
+    return topology
+
+
+def pipeline_llama(args: LlamaArgs, mesh: ParallelMesh, mp: ModelParallelConfig, *, seed: int,
+                   pp_split: list[int] | None) -> StagedPipeline:
+    """This rank's pipeline stage of the Llama `args` (weights equal to the whole model's parts)."""
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # PipelineModule talks through deepspeed.comm
+    tp_group = mesh.group("tp") if mesh.tp > 1 else None
+    tp_rank = mesh.rank("tp")
+    blocks = stage_blocks(args, mesh.pp, pp_split)
+    if args.tie_embeddings:
+        embedding = TiedLayerSpec("embedding", EmbeddingPart, args, mp, seed, tp_group,
+                                  tied_weight_attr=["embed.weight"])
+        head = TiedLayerSpec("embedding", EmbeddingPart, args, mp, seed, tp_group, forward_fn=_tied_loss,
+                             tied_weight_attr=["embed.weight"])
+    else:
+        embedding = LayerSpec(EmbeddingPart, args, mp, seed, tp_group)
+        head = LayerSpec(LossPart, args, mp, seed, tp_group)
+    layers = [embedding, *(LayerSpec(BlockPart, args, mp, seed, i, tp_rank) for i in range(args.n_layers)),
+              LayerSpec(FinalNormPart, args), head]
+    parts = [0]
+    for count in blocks:
+        parts.append(parts[-1] + count)
+    parts = [0, *(1 + p for p in parts[1:-1]), len(layers)]
+    return StagedPipeline(layers, parts, topology=pipeline_topology(mesh), loss_fn=TokenWeightedLoss())
+
+
+def _tied_loss(module: EmbeddingPart, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return module.loss(inputs)
+
+
+def gradient_divisor(mesh: ParallelMesh, pipelined: bool) -> int:
+    """What DeepSpeed divides the summed gradients by: dp (our mpu tells ZeRO that sp ranks share
+    samples) or, under the pipeline engine whose grid has no sp axis, dp x sp."""
+    return mesh.dp * mesh.sp if pipelined else mesh.dp
+
