@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from bench.header import bench_header, device_peaks
 from bench.train_setup import build_model, init_single_process
-from ithaca.launcher.step_metrics import count_params, flops_per_token, mfu
+from ithaca.launcher.step_metrics import flops_per_token, mfu
 
 def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:
     from ithaca.data.packing import document_starts
@@ -107,7 +107,7 @@ class _Run:
         self.model, self.args = build_model(mesh, config, kernels, device, dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.batch = _batch(self.args.vocab_size, seq_len, doc_len, device)
-        self.flops_per_token = flops_per_token(self.args, count_params(self.model, tp=1), seq_len)
+        self.flops_per_token = flops_per_token(self.args, seq_len)
         self.failed = False
         self.peak_gib: float | None = 0.0 if device == "cuda" else None
 

@@ -24,6 +24,9 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "steps_per_print": 1 << 30,  # our own step line replaces DeepSpeed's
+        # Stages hand on two tensors with gradients (the block output and the residual stream);
+        # DeepSpeed's split of activations over tp ranks handles only one, so send them whole.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
 
 

@@ -11,13 +11,14 @@ MFU, model FLOPs utilization (PaLM, arXiv:2204.02311, appendix B):
 
     MFU = (6 N + 12 L H Q T) * tokens/s / (devices * one device's peak FLOP/s)
 
-N = the parameters that multiply activations, over the whole model (every tp shard): all but the
-input embedding table, a lookup (when tied to the output projection it is a matmul and counts);
-L = softmax-attention layers, H heads, Q head dim, T sequence length. 6N is the forward and
-backward matmuls; 12LHQT is attention's scores and weighted sum, over the whole T x T square as
-PaLM counts it (the causal half and document masking are not subtracted). Linear-attention
-layers' state work (O(T Q^2) per head) is not counted, so MFU is an underestimate for hybrid and
-linear models; recomputed forwards are not counted either (that would be HFU).
+N = the parameters that multiply activations, of the whole model (before any tp or pp split):
+all but the input embedding table, a lookup (tied to the output projection, it counts once as
+that matmul); L = softmax-attention layers, H heads, Q head dim, T sequence length. 6N is the
+forward and backward matmuls; 12LHQT is attention's scores and weighted sum, over the whole
+T x T square as PaLM counts it (the causal half and document masking are not subtracted).
+Linear-attention layers' state work (O(T Q^2) per head) is not counted, so MFU is an
+underestimate for hybrid and linear models; recomputed forwards are not counted either (that
+would be HFU).
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ithaca.log import get_logger, warn_once
 from ithaca.models.llama_args import LlamaArgs
-
-if TYPE_CHECKING:  # the model imports megatron-core; the benchmarks' header needs only the table
-    from ithaca.models.llama import Llama
 
 log = get_logger(__name__)
 
@@ -58,19 +55,17 @@ def device_peak_flops(device: torch.device, peak_tflops: float | None) -> float 
     return None if peaks is None else peaks[0]
 
 
-def count_params(model: Llama, tp: int) -> int:
-    """N of the MFU formula for the whole model, from this rank's shards: a parameter megatron-core
-    marks `tensor_model_parallel` is 1/tp of its whole. Call it before DeepSpeed wraps the model:
-    ZeRO-3 empties the parameters it partitions."""
-    tied = model.args.tie_embeddings
-    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-               for name, p in model.named_parameters() if tied or not name.startswith("embed."))
+def matmul_params(args: LlamaArgs) -> int:
+    """N of the MFU formula, counted from `args` rather than from a rank's modules, which hold only
+    their tp shards and pp stage (and nothing at all under ZeRO-3)."""
+    embedding, *rest = args.part_parameters()
+    return sum(rest) + (embedding if args.tie_embeddings else 0)
 
 
-def flops_per_token(args: LlamaArgs, n_params: int, seq_len: int) -> float:
-    """6 N + 12 L H Q T: training FLOPs per token (module docstring); N from `count_params`."""
+def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
+    """6 N + 12 L H Q T: training FLOPs per token of a `seq_len`-token sequence (module docstring)."""
     softmax_layers = sum(args.mixer(i) == "S" for i in range(args.n_layers))
-    return 6 * n_params + 12 * softmax_layers * args.n_heads * args.head_dim * seq_len
+    return 6 * matmul_params(args) + 12 * softmax_layers * args.n_heads * args.head_dim * seq_len
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
@@ -97,16 +92,18 @@ class StepMeter:
     """Built once per run, read after each step on every rank (each read resets the peak): rank 0's
     figures go to the step line and MLflow. Says once what it measures and whether MFU is reported."""
 
-    def __init__(self, args: LlamaArgs, n_params: int, seq_len: int, device: torch.device, world_size: int,
+    def __init__(self, args: LlamaArgs, seq_len: int, device: torch.device, world_size: int,
                  peak_tflops: float | None):
         self.device, self.world_size = device, world_size
-        self.flops_per_token = flops_per_token(args, n_params, seq_len)
+        self.flops_per_token = flops_per_token(args, seq_len)
         self.peak_flops = device_peak_flops(device, peak_tflops)
         memory = "CUDA allocator peak" if device.type == "cuda" else "process peak RSS"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
-        speed = (f"mfu against {self.peak_flops / 1e12:.0f} TFLOP/s x {world_size} devices" if self.peak_flops
+        speed = (f"mfu against {self.peak_flops / 1e12:g} TFLOP/s x {world_size} devices"
+                 if self.peak_flops is not None
                  else f"mfu not reported: no peak FLOP/s known for {where}; set train.peak_tflops to report it")
-        log.info(f"step metrics: peak_mem_gib = rank 0's {memory} in each step; {speed}")
+        log.info(f"step metrics: peak_mem_gib = rank 0's {memory} in each step (step 1's includes the set-up); "
+                 f"{speed}")
 
     def read(self, tokens: int, seconds: float) -> dict[str, float]:
         """{"peak_mem_gib", and "mfu" where a peak is known} for a step of `tokens` (all ranks') in `seconds`."""

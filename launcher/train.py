@@ -23,6 +23,7 @@ from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
 from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
+from ithaca.launcher.step_metrics import StepMeter
 from ithaca.launcher.tracking import Tracker
 from ithaca.log import get_logger
 from ithaca.parallel.mesh import ParallelMesh
@@ -108,6 +109,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
     model = parallelize_llama(cfg.model, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=dtype,
                               pp_split=None if p.pp_split is None else list(p.pp_split))
     engine = build_engine(cfg, model, mesh)
+    meter = StepMeter(cfg.model, cfg.data.seq_len, ctx.device, dist.get_world_size(), cfg.train.peak_tflops)
 
     step, loader_states, run_id = 0, None, None
     if resume is not None:
@@ -129,17 +131,19 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
             start = time.perf_counter()
             loss, tokens = train_step(engine, loader.next_step(), mesh, ctx.device, mask_eos)
             seconds = time.perf_counter() - start
+            speed = meter.read(tokens, seconds)  # peak memory, and MFU where the device's peak is known
             record = StepRecord(step=step, loss=loss, lr=engine.get_lr()[0],
                                 grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens=tokens,
                                 seconds=seconds)
             records.append(record)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.info(f"step={step} loss={loss:.4f} lr={record.lr:.3e} grad_norm={record.grad_norm:.3f} "
-                         f"tok_s={tokens / seconds:.0f} s_step={seconds:.3f}")
+                         f"tok_s={tokens / seconds:.0f} s_step={seconds:.3f} "
+                         + " ".join(f"{k}={v:.3f}" for k, v in speed.items()))
             data_metrics = _data_metrics(cfg, loader, mesh, ctx.device, step)
             if tracker:
                 tracker.log_step(step, {"loss": loss, "lr": record.lr, "grad_norm": record.grad_norm,
-                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds, **data_metrics})
+                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds, **speed, **data_metrics})
             stop = stopper.agreed(ctx.device) if step < cfg.train.steps else None
             every = cfg.checkpoint.every
             if stop or step == cfg.train.steps or (every and step % every == 0):

@@ -52,7 +52,7 @@ class DeepSpeedMpu:
 
     "Model parallel" is tp. ZeRO partitions and reduces gradients over the sequence-data-parallel
     group dp x sp; DeepSpeed then divides by dp alone (sp ranks hold parts of the same samples),
-    which the training loss accounts for.
+    which the training loss accounts for. ZeRO-3 does so only with parallel/zero3.py's settings.
     """
 
     def __init__(self, mesh: ParallelMesh):

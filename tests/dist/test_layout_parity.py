@@ -43,7 +43,7 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     "tp2-reference-kernels": (1, 2, 1, ("model.kernels=reference",)),
 }
 MODEL_KEYS = ("model.", "data.")  # overrides that change the function, so need their own single-process run
-SAME_FUNCTION = ("model.kernels=",)  # ...except the kernels' choice: every implementation is exact
+SAME_FUNCTION = ("model.kernels=", "model.activation_checkpointing=")  # ...except what is exact by design
 
 
 def _model_overrides(extra: tuple[str, ...]) -> tuple[str, ...]:

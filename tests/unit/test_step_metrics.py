@@ -2,47 +2,34 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 from ithaca.launcher.config import ConfigError
 from ithaca.launcher.config_load import load_config
-from ithaca.launcher.step_metrics import (StepMeter, count_params, device_peak_flops, flops_per_token, gpu_peaks,
-                                          read_peak_memory)
+from ithaca.launcher.step_metrics import StepMeter, device_peak_flops, flops_per_token, gpu_peaks, read_peak_memory
 from ithaca.models.llama_args import LlamaArgs
 
 CPU = torch.device("cpu")
+# 4 layers of "LS": 2 linear, 2 softmax; 4 heads of dim 32 / 4 = 8, no GQA; retention decay (no
+# parameters), output gate and per-head output norm on
+TINY = LlamaArgs(vocab_size=64, dim=32, n_layers=4, n_heads=4, ffn_dim=48, layer_pattern="LS")
+FFN_AND_NORMS = 3 * 32 * 48 + 2 * 32              # gate_up, down; attn_norm, ffn_norm: 4672
+SOFTMAX = 32 * (4 + 2 * 4) * 8 + 32 * 32          # qkv, out: 4096
+LINEAR = 3 * 32 * 32 + 32 * 32 + 32 * 32 + 4 * 8  # qkv, out_gate, out, out_norm: 5152
+HEAD = 32 + 64 * 32                               # final norm, output projection: 2080
+N = 2 * (FFN_AND_NORMS + SOFTMAX) + 2 * (FFN_AND_NORMS + LINEAR) + HEAD  # 39264; not the input embedding (a lookup)
+FLOPS = 6 * N + 12 * 2 * 4 * 8 * 128              # 6N + 12 L H Q T: L = 2 softmax layers, T = 128
 
 
-def _tiny_args() -> LlamaArgs:
-    # 4 layers "LS" repeated: 2 softmax layers; 4 heads of dim 32 / 4 = 8
-    return LlamaArgs(vocab_size=64, dim=32, n_layers=4, n_heads=4, ffn_dim=48, layer_pattern="LS")
+def test_flops_per_token_by_hand():
+    assert flops_per_token(TINY, seq_len=128) == FLOPS == 333_888
 
 
-def test_flops_per_token_is_6n_plus_attention_of_the_softmax_layers_only():
-    # 6 * 1000 + 12 * L=2 * H=4 * Q=8 * T=128 = 6000 + 98304
-    assert flops_per_token(_tiny_args(), n_params=1000, seq_len=128) == 104_304
-
-
-class _Sharded(nn.Module):
-    """Llama's parameter names on a tp rank: `embed.` (vocab-parallel), a tp-split matmul, a replicated norm."""
-
-    def __init__(self, tie_embeddings: bool):
-        super().__init__()
-        self.args = SimpleNamespace(tie_embeddings=tie_embeddings)
-        self.embed = nn.Embedding(10, 4)          # this rank's 40 of 80
-        self.proj = nn.Linear(4, 3, bias=False)   # this rank's 12 of 24
-        self.norm = nn.Parameter(torch.ones(4))   # 4, whole on every rank
-        for p in (self.embed.weight, self.proj.weight):
-            p.tensor_model_parallel = True  # as megatron-core marks its split parameters
-
-
-def test_count_params_scales_tp_shards_and_skips_an_untied_input_embedding():
-    assert count_params(_Sharded(tie_embeddings=False), tp=2) == 24 + 4
-    assert count_params(_Sharded(tie_embeddings=True), tp=2) == 80 + 24 + 4
+def test_a_tied_embedding_counts_once_as_the_output_projection():
+    assert flops_per_token(dataclasses.replace(TINY, tie_embeddings=True), seq_len=128) == FLOPS
 
 
 def test_peak_table_knows_h100_sxm_and_nothing_it_was_not_told():
@@ -54,10 +41,10 @@ def test_peak_table_knows_h100_sxm_and_nothing_it_was_not_told():
 def test_mfu_needs_a_configured_peak_on_the_cpu():
     assert device_peak_flops(CPU, None) is None
     assert device_peak_flops(CPU, 2.5) == 2.5e12
-    assert "mfu" not in StepMeter(_tiny_args(), 1000, 128, CPU, world_size=1, peak_tflops=None).read(10, 1.0)
-    meter = StepMeter(_tiny_args(), 1000, 128, CPU, world_size=2, peak_tflops=1.0)
-    # 104_304 FLOP/token * 1e6 tokens/s over 2 devices of 1e12 FLOP/s
-    assert meter.read(tokens=2_000_000, seconds=2.0)["mfu"] == pytest.approx(104_304e6 / 2e12)
+    assert "mfu" not in StepMeter(TINY, 128, CPU, world_size=1, peak_tflops=None).read(10, 1.0)
+    meter = StepMeter(TINY, 128, CPU, world_size=2, peak_tflops=1.0)
+    # 1e6 tokens/s over 2 devices of 1e12 FLOP/s each
+    assert meter.read(tokens=2_000_000, seconds=2.0)["mfu"] == pytest.approx(FLOPS * 1e6 / 2e12)
 
 
 def test_cpu_peak_memory_is_positive_and_sees_a_big_tensor():

@@ -1,0 +1,44 @@
+"""A library user builds and parallelizes a model with no launcher, config file or DeepSpeed engine."""
+
+from __future__ import annotations
+
+import torch
+
+from harness import run_ranks
+
+
+def _hybrid_losses(sp: int) -> tuple[torch.Tensor, bool]:
+    """Per-token losses of a hybrid model over sp ranks (ring + LASP-2), gathered whole, and
+    whether anything imported the launcher."""
+    import sys
+
+    import torch.distributed as dist
+
+    from ithaca.models.llama_args import LlamaArgs
+    from ithaca.parallel.megatron_bridge import initialize_megatron
+    from ithaca.parallel.mesh import build_mesh
+    from ithaca.parallel.parallelize import parallelize_llama
+    from ithaca.parallel.sequence_layout import sequence_part
+    from ithaca.parallel.zigzag import zigzag_merge
+
+    mesh = build_mesh(dp=1, pp=1, tp=1, sp=sp, ring=sp, device_type="cpu")
+    initialize_megatron(mesh)
+    args = LlamaArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, layer_pattern="LS",
+                     activation_checkpointing="selective")
+    model = parallelize_llama(args, mesh, sp_method="ring", seed=3)
+    window = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
+    part = lambda t: sequence_part(t, sp_rank=mesh.rank("sp"), sp=sp, ring=sp)  # noqa: E731
+    positions = torch.arange(32).expand(2, 32)
+    losses = model(part(window[:, :-1]), part(positions), part(window[:, 1:]))
+    losses.sum().backward()
+    pieces = [torch.empty_like(losses) for _ in range(sp)]
+    dist.all_gather(pieces, losses.detach(), group=mesh.group("sp"))
+    whole = zigzag_merge(pieces, dim=1) if sp > 1 else pieces[0]
+    return whole, "ithaca.launcher" in sys.modules
+
+
+def test_parallelize_without_the_launcher_matches_one_process():
+    ((single, launcher_single),) = run_ranks(_hybrid_losses, 1, 1)
+    (parallel, launcher_parallel), _ = run_ranks(_hybrid_losses, 2, 2)
+    assert not launcher_single and not launcher_parallel
+    torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-6)  # fp32: reduction order only
