@@ -1,5 +1,5 @@
-# The README's two commands: `make demo` (set up, prep the debug shards, train debug-cpu on CPU
-# processes) and `make test`. Everything installs into .venv; torch comes first and pinned, then
+# The README's two commands: `make demo` (set up, prep the debug shards, train demo-long-cpu on 2
+# CPU processes) and `make test`. Everything installs into .venv; torch comes first and pinned, then
 # DeepSpeed without build isolation, or either would pull a multi-GB CUDA torch.
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +23,7 @@ runs/debug-data/manifest.json: $(STAMP)
 	$(BIN)/ithaca prep --output runs/debug-data --shard-tokens 1000000
 
 demo: runs/debug-data/manifest.json
-	$(BIN)/ithaca train --config configs/debug-cpu.yaml
+	$(BIN)/ithaca train --config configs/demo-long-cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

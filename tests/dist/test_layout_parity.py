@@ -9,7 +9,7 @@ drawn whole and then split, so
 1 process, dp2, sp2 (Ulysses), tp2, dp2 x sp2 and tp2 x sp2 train the same function, and so do
 ring attention (zigzag layout) and USP (2 Ulysses x 2 ring). With 4 heads and 2 kv heads,
 tp2 x sp2 leaves one kv head per tp rank and repeats it over the sp ranks.
-ZeRO stages 2 and 3 and tied embeddings ride along on some layouts.
+ZeRO stages 2 and 3 (also under sp) and tied embeddings ride along on some layouts.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     # parallel loss's reference), against the default ("auto") single-process curve
     "sp2-ring-reference-kernels": (1, 1, 2, ("parallel.sp_method=ring", "model.kernels=reference")),
     "tp2-reference-kernels": (1, 2, 1, ("model.kernels=reference",)),
+    # ZeRO-3 under sp (parallel/zero3.py): without the fix the sp2 grad norm was 0.46-0.63x the
+    # 1-process one (sp ranks' gradients not summed), exactly 0.5x with dp x sp partitions but
+    # DeepSpeed's default reduce-scatter (divides by dp*sp)
+    "sp2-zero3": (1, 1, 2, ("train.zero_stage=3",)),
+    "dp2xsp2-ring-zero3": (2, 1, 2, ("train.zero_stage=3", "parallel.sp_method=ring")),
 }
 MODEL_KEYS = ("model.", "data.")  # overrides that change the function, so need their own single-process run
 SAME_FUNCTION = ("model.kernels=", "model.activation_checkpointing=")  # ...except what is exact by design
