@@ -49,3 +49,21 @@ def test_pipeline_layout_gives_single_process_curve(layout, short_doc_shards, tm
         torch.testing.assert_close(per_rank[0][curve], single[curve], rtol=rtol, atol=0,
                                    msg=lambda m: f"{curve} under {layout}: {m}")
     assert all(curves == per_rank[0] for curves in per_rank)  # every stage logs the same global numbers
+
+
+def _losses(data: str, out: str, resume: str | None) -> list[float]:
+    from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.train import run_training
+
+    cfg = load_config(LLAMA, [f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", "train.steps=6",
+                              "train.global_batch=4", "train.micro_batch=1", "checkpoint.every=3", "parallel.dp=1",
+                              "parallel.pp=2", "train.precision=bf16", "data.workers=1"])
+    return [r.loss for r in run_training(cfg, resume=resume)]
+
+
+def test_a_resumed_pipeline_run_continues_the_uninterrupted_curve(short_doc_shards, tmp_path):
+    """bf16 (DeepSpeed's BF16 optimizer under the pipeline engine): its fp32 master weights and
+    both stages' layer files come back from the checkpoint."""
+    full, _ = run_ranks(_losses, 2, str(short_doc_shards), str(tmp_path), None)
+    resumed, _ = run_ranks(_losses, 2, str(short_doc_shards), str(tmp_path), str(tmp_path / "checkpoints/step_00000003"))
+    assert resumed == full[3:]  # bitwise: the same arithmetic from the same state
