@@ -5,7 +5,9 @@ number of blocks) trains STEPS steps of M micro-batches each under pp = P (launc
 train_step, so the real pipeline path runs); per stage it times the forward and backward passes
 the schedule runs (DeepSpeed's `_exec_forward_pass` / `_exec_backward_pass`, wrapped on the engine
 instance) and the whole step. The idle fraction is 1 - busy / step, where the step excludes the
-optimizer update (every stage runs that at the same time). Beside it is the 1F1B bound
+optimizer update (every stage runs that at the same time); the part of it spent inside the
+blocking activation/gradient sends and receives (where a stage waits for its neighbour) is shown
+beside it. Beside it is the 1F1B bound
 (P - 1) / (M + P - 1) for stages of equal cost; the first warm-up step is not counted.
 
 On the CPU machine the P processes share 2 cores, so a waiting stage lends its core to a busy one
@@ -30,6 +32,7 @@ import torch.multiprocessing as mp
 from bench.header import bench_header
 
 STEPS, LAYERS = 4, 8
+P2P = ("_exec_send_activations", "_exec_recv_activations", "_exec_send_grads", "_exec_recv_grads")
 
 
 def _time_instructions(engine, spent: dict[str, float]) -> None:
@@ -66,7 +69,7 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
     model = parallelize_llama(cfg.model, mesh, seed=0, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     engine = build_engine(cfg, model, mesh)
-    spent = dict.fromkeys(("_exec_forward_pass", "_exec_backward_pass", "_exec_optimizer_step"), 0.0)
+    spent = dict.fromkeys(("_exec_forward_pass", "_exec_backward_pass", "_exec_optimizer_step", *P2P), 0.0)
     _time_instructions(engine, spent)
     gen = torch.Generator().manual_seed(0)
     idle = []
@@ -81,15 +84,16 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
             torch.cuda.synchronize()
         wall = time.perf_counter() - start - spent["_exec_optimizer_step"]
         busy = spent["_exec_forward_pass"] + spent["_exec_backward_pass"]
+        p2p = sum(spent[name] for name in P2P)
         if step:  # the first step warms up
-            idle.append(1 - busy / wall)
+            idle.append((1 - busy / wall, p2p / wall))
     rows = [None] * world
-    dist.all_gather_object(rows, statistics.median(idle))
+    dist.all_gather_object(rows, tuple(statistics.median(column) for column in zip(*idle)))
     if rank == 0:
         bound = (world - 1) / (micro + world - 1)
         with open(out, "a") as table:
-            for stage, fraction in enumerate(rows):
-                table.write(f"| {world} | {micro} | {stage} | {fraction:.3f} | {bound:.3f} |\n")
+            for stage, (fraction, in_p2p) in enumerate(rows):
+                table.write(f"| {world} | {micro} | {stage} | {fraction:.3f} | {in_p2p:.3f} | {bound:.3f} |\n")
     dist.destroy_process_group()
 
 
@@ -105,8 +109,8 @@ def main() -> None:
         parser.error(f"--device cuda --pp {max(args.pp)}: needs that many GPUs; use --device cpu")
     print(bench_header("pipeline_bubble", args.device, f"layers={LAYERS} dim={args.dim} seq={args.seq} "
                        f"micro_batches={args.micro_batches} steps={STEPS}"))
-    print("| pp | micro-batches | stage | idle fraction (measured) | 1F1B bound (P-1)/(M+P-1) |")
-    print("|---|---|---|---|---|")
+    print("| pp | micro-batches | stage | idle fraction (measured) | of which in send/recv | 1F1B bound (P-1)/(M+P-1) |")
+    print("|---|---|---|---|---|---|")
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pipeline_bubble_{os.getpid()}.md")
     for world in args.pp:
         port = 29000 + os.getpid() % 1000 + world
