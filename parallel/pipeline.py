@@ -33,11 +33,14 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.log import get_logger
 from ithaca.models.llama import build_block, build_embedding, build_head
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import SequenceInfo
 from ithaca.models.norm import RMSNorm
 from ithaca.parallel.mesh import ParallelMesh
+
+log = get_logger(__name__)
 
 Activations = tuple[torch.Tensor, ...]
 
@@ -224,6 +227,9 @@ def pipeline_llama(args: LlamaArgs, mesh: ParallelMesh, mp: ModelParallelConfig,
     tp_group = mesh.group("tp") if mesh.tp > 1 else None
     tp_rank = mesh.rank("tp")
     blocks = stage_blocks(args, mesh.pp, pp_split)
+    log.info(f"pipeline: {mesh.pp} stages holding {blocks} blocks "
+             f"({'parallel.pp_split' if pp_split else 'balanced by parameter count'}; the embedding on the "
+             "first, the final norm and the loss on the last)")
     if args.tie_embeddings:
         embedding = TiedLayerSpec("embedding", EmbeddingPart, args, mp, seed, tp_group,
                                   tied_weight_attr=["embed.weight"])
