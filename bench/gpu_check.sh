@@ -61,7 +61,7 @@ if [ "$DEVICE" = cuda ]; then
 else
   export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu
   WHERE="CPU ($(nproc) cores), toy sizes"
-  MEMORY_ARGS="--lengths 512 1024 2048 --tokens 1024 --vocab 4096 --dim 64"
+  MEMORY_ARGS="--lengths 512 1024 2048 --tokens 1024 --vocab 4096 --dim 64 --layer-seq 1024 --layer-dim 128"
 fi
 VERSIONS=$("$PYTHON" -c "import sys, torch, triton; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}')")
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

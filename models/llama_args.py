@@ -46,8 +46,8 @@ class LlamaArgs:
     attention scores, full logits: small models only). Each op logs once which one runs and why."""
     activation_checkpointing: Recompute = "none"
     """Recompute activations in the backward pass instead of keeping them from the forward: none;
-    full (each block keeps only its inputs and runs again in the backward pass: about one [b, s, dim]
-    stream per layer stays); selective (each mixer's interior, between its input and output
+    full (each block keeps only its two inputs, the previous block's output and the residual stream,
+    and runs again in the backward pass: two [b, s, dim] tensors per layer stay); selective (each mixer's interior, between its input and output
     projections, is recomputed: RoPE and attention, or linear attention with its chunk states,
     feature maps, decays, output norm and gate; the projections' outputs are kept, as Megatron's
     selective recompute does). Exact either way: the same loss and gradients."""
