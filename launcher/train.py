@@ -3,7 +3,9 @@
 Loss under sequence and data parallelism (DESIGN.md, "Loss and counts under SP"): the loss is
 the sum of token losses over every dp x sp rank and micro-batch, divided by the number of real
 tokens in the global batch. Each rank backpropagates its share scaled so that DeepSpeed's own
-averaging (÷ dp over the dp x sp reduction, ÷ micro-batches) leaves exactly that gradient.
+averaging (÷ dp over the dp x sp reduction, ÷ dp x sp under the pipeline engine, ÷ micro-batches)
+leaves exactly that gradient. With pp > 1 the pipeline engine runs the micro-batches (1F1B) and
+the last stage's loss function applies the same scale (parallel/pipeline.py).
 """
 
 from __future__ import annotations
