@@ -21,7 +21,6 @@ LAYOUTS = {  # name: (config, dp, pp, tp, sp, extra overrides)
     "hybrid-pp2": (HYBRID, 1, 2, 1, 1, ()),
     "llama-pp2-full-recompute": (LLAMA, 1, 2, 1, 1, ("model.activation_checkpointing=full",)),
     "hybrid-pp2-selective-recompute": (HYBRID, 1, 2, 1, 1, ("model.activation_checkpointing=selective",)),
-    "llama-pp2-tied": (LLAMA, 1, 2, 1, 1, ("model.tie_embeddings=true",)),
     "llama-pp2xsp2-ulysses": (LLAMA, 1, 2, 1, 2, ("parallel.sp_method=ulysses",)),
     "hybrid-pp2xsp2-ring": (HYBRID, 1, 2, 1, 2, ("parallel.sp_method=ring",
                                                  "model.activation_checkpointing=selective")),
@@ -31,9 +30,11 @@ LAYOUTS = {  # name: (config, dp, pp, tp, sp, extra overrides)
     "hybrid-pp2xtp2": (HYBRID, 1, 2, 2, 1, ()),
     "llama-dp2xpp2": (LLAMA, 2, 2, 1, 1, ()),
     "hybrid-dp2xpp2": (HYBRID, 2, 2, 1, 1, ()),
-    # four stages of one block each, and an uneven explicit split of the same 4-layer model
-    "llama-pp4": (LLAMA, 1, 4, 1, 1, ("model.n_layers=4",)),
-    "llama-pp2-split-1-3": (LLAMA, 1, 2, 1, 1, ("model.n_layers=4", "parallel.pp_split=[1,3]")),
+    # four stages of one block each, and an uneven explicit split of the same 4-layer model; its
+    # embedding is tied to the output head, a weight DeepSpeed keeps in step on the first and last stage
+    "llama-pp4-tied": (LLAMA, 1, 4, 1, 1, ("model.n_layers=4", "model.tie_embeddings=true")),
+    "llama-pp2-split-1-3-tied": (LLAMA, 1, 2, 1, 1, ("model.n_layers=4", "model.tie_embeddings=true",
+                                                     "parallel.pp_split=[1,3]")),
 }
 
 
