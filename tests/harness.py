@@ -1,7 +1,9 @@
 """Run a function on several CPU ranks over gloo and collect what each returns.
 
-Ranks are spawned processes (not torchrun), so a whole multi-rank case costs one start-up;
-an exception on any rank is re-raised here with that rank's traceback; a hang fails after
+Ranks are processes (not torchrun) forked from one fork server that imported torch, DeepSpeed,
+megatron-core, MLflow and our model and parallel code once: those imports were most of a short case's time
+on 2 cores. Each rank runs with the caller's environment at the call, but modules the server
+imported read theirs when it started (conftest sets those variables first). An exception on any rank is re-raised here with that rank's traceback; a hang fails after
 `timeout` seconds instead of blocking the suite.
 """
 
@@ -26,7 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str,
+               environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)  # several ranks share two cores
@@ -41,11 +46,17 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_
     os._exit(0)  # a failed rank's peers may be stuck in a collective; the parent reports the error
 
 
+SERVER_IMPORTS = ["torch", "deepspeed", "megatron.core.tensor_parallel", "mlflow", "ithaca.parallel.parallelize"]
+"""Not the launcher: tests/dist/test_library_use.py checks a model runs without importing it."""
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]:
     """fn(*args) on `world` ranks with a gloo default group; returns the results in rank order."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when the fork server imports DeepSpeed
+    mp.set_forkserver_preload(SERVER_IMPORTS)
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = mp.start_processes(_rank_main, args=(world, free_port(), fn, args, out_dir), nprocs=world,
-                                   join=False, start_method="spawn")
+        procs = mp.start_processes(_rank_main, args=(world, free_port(), fn, args, out_dir, dict(os.environ)),
+                                   nprocs=world, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout
         results: dict[int, dict] = {}
         while len(results) < world and time.monotonic() < deadline:
