@@ -1,79 +1,304 @@
 """Checkpoints: DeepSpeed's engine state plus our step, data position, RNG and MLflow run.
 
-A checkpoint is written under a `.partial` name and renamed once every rank has finished, and
-`latest` is replaced atomically after that, so an interrupted save never becomes the one a
-resume picks.
+A save (every rank; collective) writes `step_NNNNNNNN.partial`, then, once every rank's files are
+closed, hashes and fsyncs them (each rank a share) and rank 0 writes `manifest.json` last: every
+file's relative path, size and sha256, and the step. Only then is the folder renamed to
+`step_NNNNNNNN` and `latest` replaced atomically, each rename fsynced; so a save killed at any
+point leaves `latest` naming the previous complete checkpoint. The next save removes what a killed
+one left (only folders named `step_NNNNNNNN[.old].partial`), and `checkpoint.keep` deletes old ones.
+
+A load first checks every file against the manifest (size, then sha256) and refuses a missing,
+truncated, modified or unlisted file in one line naming it, before anything is unpickled. Resuming
+from `latest` then falls back to the newest earlier checkpoint that passes, saying so; a folder
+given by name is refused. DeepSpeed 0.19.8 loads with `torch.load(weights_only=False)`; we route
+its loads through `weights_only=True`, so a file can hold only tensors, containers, numbers and
+strings, and the three DeepSpeed classes in `_deepspeed_safe_globals`; unpickling runs no code
+that the file chooses. The manifest detects damage, not an attacker who rewrites it too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from ithaca.log import get_logger
+
 if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight needs only resolve_checkpoint
     import deepspeed
 
+log = get_logger(__name__)
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_COMPLETE = re.compile(r"step_(\d{8})")  # a renamed checkpoint folder (fullmatch)
+_PARTIAL = re.compile(r"step_\d{8}(\.old)?\.partial")  # one being written, or being deleted (fullmatch)
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, step: int, client_state: dict) -> Path:
-    """Save on every rank (collective); returns the finished checkpoint's folder."""
+def save_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, step: int, client_state: dict, *,
+                    keep: int | None = None) -> Path:
+    """Save on every rank (collective); returns the finished checkpoint's folder.
+
+    `keep`: afterwards delete all but the `keep` newest complete checkpoints up to this step
+    (folders of later steps, left by a run resumed from an earlier one, stay); None keeps all.
+    """
     final = ckpt_dir / tag_for(step)
-    partial_tag = f"{final.name}.partial"
+    partial = ckpt_dir / f"{final.name}.partial"
     rank = dist.get_rank()
+    if rank == 0 and ckpt_dir.is_dir():
+        # Every rank passed the previous save's closing barrier, so a .partial here is a killed save's.
+        for stale in sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and _PARTIAL.fullmatch(p.name)):
+            log.info(f"removing {stale}: left by a save that did not finish")
+            shutil.rmtree(stale)
+    dist.barrier()  # no rank writes into `partial` before a stale one of that name is gone
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
+    dist.barrier()  # every rank's files are closed before they are listed and hashed
+    files = _describe_files(partial)
     if rank == 0:
-        shutil.rmtree(ckpt_dir / partial_tag, ignore_errors=True)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial_tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / partial_tag / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's files are written before the folder gets its final name
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        (ckpt_dir / partial_tag).rename(final)
-        tmp = ckpt_dir / f"{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, ckpt_dir / LATEST)
+        _write_synced(partial / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        for folder in (partial, *(p for p in partial.rglob("*") if p.is_dir())):
+            _fsync_dir(folder)  # the files' names are durable before the folder's new name is
+        _publish(partial, final)
+        if keep is not None:
+            _prune(ckpt_dir, step, keep)
     dist.barrier()
     return final
 
 
 def resolve_checkpoint(ckpt_dir: Path, resume: str) -> Path:
-    """'latest' -> the folder `latest` names; else `resume` must be a checkpoint folder.
+    """'latest' -> the folder `latest` names; else `resume` must be a checkpoint folder with a manifest.
 
-    Raises ValueError naming the fix when there is none.
+    Reads no checkpoint file (the CLI's preflight calls it before any process starts); the full
+    check is load_checkpoint's. Raises ValueError naming the fix when there is none.
     """
     if resume == LATEST:
         pointer = ckpt_dir / LATEST
         if not pointer.is_file():
             raise ValueError(f"--resume: no checkpoint in {ckpt_dir} yet; train without --resume first, "
                              "or give a checkpoint folder")
-        path = ckpt_dir / pointer.read_text().strip()
-    else:
-        path = Path(resume)
-    if not path.is_dir() or not any(path.glob("mp_rank_*_model_states.pt")):
-        raise ValueError(f"--resume={str(path)!r}: not a finished checkpoint folder (step_NNNNNNNN)")
+        return ckpt_dir / pointer.read_text().strip()
+    path = Path(resume)
+    if not (path / MANIFEST).is_file():
+        raise ValueError(f"--resume={str(path)!r}: not a finished checkpoint folder (step_NNNNNNNN with {MANIFEST})")
     return path
 
 
-def load_checkpoint(engine: deepspeed.DeepSpeedEngine, path: Path) -> dict:
-    """Restore engine state (weights, optimizer, schedule) and this rank's RNG; returns the client state."""
+def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: str) -> tuple[Path, dict]:
+    """Verify, then restore engine state (weights, optimizer, schedule) and this rank's RNG (collective).
+
+    `resume`: 'latest' (if its checkpoint fails verification, the newest earlier one that passes is
+    used and one line says why) or a checkpoint folder (refused if it fails). Every rank takes the
+    same decision: rank 0 lists the candidates, every rank checks a share of each one's files.
+    Returns (the folder loaded, the client state). Raises ValueError naming the file and the failed check.
+    """
+    candidates = _from_rank0(lambda: _candidates(ckpt_dir, resume))
+    path, problem = candidates[0], verify_checkpoint(candidates[0])
+    for earlier in candidates[1:]:
+        if problem is None:
+            break
+        log.warning(f"--resume: {problem}; falling back to the previous checkpoint, {earlier}")
+        path, problem = earlier, verify_checkpoint(earlier)
+    if problem is not None:
+        also = "; no earlier checkpoint passes either" if len(candidates) > 1 else ""
+        raise ValueError(f"--resume: {problem}{also}")
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine)  # launcher/engine.py sets no other writer
+    # This engine's loads only: DeepSpeed's own TorchCheckpointEngine.load passes weights_only=False.
+    engine.checkpoint_engine.load = _load_weights_only
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ValueError(f"--resume={str(path)!r}: DeepSpeed could not load it (see the log above)")
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+        _set_rng_state(_load_weights_only(rng_file))
+    return path, client_state
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file under `path` matches its manifest, else one line naming the first file
+    (in manifest order) that does not and the check it failed (collective: every rank gets the same answer)."""
+    manifest = _from_rank0(lambda: _read_manifest(path))
+    if isinstance(manifest, str):
+        return manifest
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entries = manifest["files"]
+    found = [(i, _check_file(path, entries[i])) for i in range(rank, len(entries), world)]
+    if rank == 0:  # a file DeepSpeed might load that the manifest does not vouch for
+        listed = {e["path"] for e in entries} | {MANIFEST}
+        unlisted = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        found += [(len(entries), f"{path / name}: not listed in {MANIFEST}") for name in unlisted if name not in listed]
+    every = [None] * world
+    dist.all_gather_object(every, [(i, p) for i, p in found if p is not None])
+    problems = sorted(item for share in every for item in share)
+    return problems[0][1] if problems else None
+
+
+def _candidates(ckpt_dir: Path, resume: str) -> list[Path]:
+    """The folder to load, then (for 'latest' only) the earlier complete ones, newest first."""
+    path = resolve_checkpoint(ckpt_dir, resume)
+    if resume != LATEST:
+        return [path]
+    match = _COMPLETE.fullmatch(path.name)
+    below = int(match[1]) if match else 0
+    return [path, *(ckpt_dir / tag_for(s) for s in sorted(_complete_steps(ckpt_dir), reverse=True) if s < below)]
+
+
+def _read_manifest(path: Path) -> dict | str:
+    """The manifest of checkpoint `path`, or one line saying what is wrong with it."""
+    file = path / MANIFEST
+    if not path.is_dir():
+        return f"{path}: no such checkpoint folder"
+    if not file.is_file():
+        return f"{file}: missing (a save that did not finish, or a checkpoint from before manifests)"
+    try:
+        manifest = json.loads(file.read_text())
+        entries = manifest["files"]
+        for e in entries:
+            rel = Path(e["path"])
+            if rel.is_absolute() or ".." in rel.parts or not (isinstance(e["size"], int) and isinstance(e["sha256"], str)):
+                raise ValueError(e)
+    except (ValueError, KeyError, TypeError, OSError) as err:  # json's error is a ValueError
+        return f"{file}: not a checkpoint manifest ({type(err).__name__}: {str(err)[:80]})"
+    match = _COMPLETE.fullmatch(path.name)
+    if match and int(match[1]) != manifest.get("step"):
+        return f"{file}: says step {manifest.get('step')}, the folder's name says {int(match[1])}"
+    return manifest
+
+
+def _check_file(folder: Path, entry: dict) -> str | None:
+    file = folder / entry["path"]
+    if not file.is_file():
+        return f"{file}: missing (listed in {MANIFEST})"
+    try:
+        size = file.stat().st_size
+        if size != entry["size"]:  # checked first: truncation costs no read
+            return f"{file}: {size} bytes, {MANIFEST} says {entry['size']} (truncated or overwritten)"
+        with open(file, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as err:  # returned, not raised: the other ranks are waiting for this one's answer
+        return f"{file}: unreadable ({err.strerror})"
+    if digest != entry["sha256"]:
+        return f"{file}: sha256 differs from {MANIFEST} (corrupted or modified)"
+    return None
+
+
+def _describe_files(folder: Path) -> list[dict]:
+    """Every file under `folder` as {path, size, sha256}, in path order, on rank 0 ([] elsewhere); each rank
+    hashes and fsyncs a share (collective). fsync on the rank that reads the file: on one machine the
+    page cache is shared; across machines a shared filesystem hands the writer's data over at close."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = _from_rank0(lambda: sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
+    mine = []
+    for name in names[rank::world]:
+        with open(folder / name, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+            mine.append({"path": name, "size": os.fstat(f.fileno()).st_size, "sha256": digest})
+    every = [None] * world if rank == 0 else None
+    dist.gather_object(mine, every, dst=0)
+    return sorted((e for share in every for e in share), key=lambda e: e["path"]) if rank == 0 else []
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Give `partial` its final name and point `latest` at it; each step durable before the next."""
+    ckpt_dir = final.parent
+    aside = None
+    if final.exists():  # a run resumed from an earlier step saves this step again
+        aside = final.with_name(f"{final.name}.old.partial")  # the next save removes it if we die here
+        final.rename(aside)
+    partial.rename(final)
+    _fsync_dir(ckpt_dir)
+    tmp = ckpt_dir / f"{LATEST}.tmp"
+    _write_synced(tmp, final.name)
+    os.replace(tmp, ckpt_dir / LATEST)
+    _fsync_dir(ckpt_dir)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints up to `step` (the one `latest` now names)."""
+    up_to = sorted(s for s in _complete_steps(ckpt_dir) if s <= step)
+    for old in up_to[:-keep]:
+        doomed = ckpt_dir / tag_for(old)
+        aside = doomed.with_name(f"{doomed.name}.old.partial")  # a half-deleted folder never looks complete
+        doomed.rename(aside)
+        shutil.rmtree(aside)
+        log.info(f"removed {doomed} (checkpoint.keep={keep})")
+
+
+def _complete_steps(ckpt_dir: Path) -> list[int]:
+    return [int(m[1]) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _COMPLETE.fullmatch(p.name))]
+
+
+def _from_rank0(compute: Any) -> Any:
+    """compute() on rank 0, its result on every rank: one view of the folder when ranks' file-system
+    caches differ. A ValueError or OSError it raises is raised on every rank, so none waits alone."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(compute(), None)]
+        except (ValueError, OSError) as err:
+            box = [(None, str(err))]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+def _write_synced(file: Path, text: str) -> None:
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _deepspeed_safe_globals() -> list[type]:
+    """The only classes DeepSpeed 0.19.8 pickles into our checkpoints besides tensors and builtins
+    (torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, bf16, tp2 and pp2 saves).
+    Each is rebuilt from numbers by its own constructor or attribute dict: no code the file chooses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # ZeRO optimizer states' static loss scale
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # optimizer states' zero_stage
+    from deepspeed.utils.tensor_fragment import fragment_address  # dataclass (numel, start)
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load that unpickles only tensors, builtins and _deepspeed_safe_globals; DeepSpeed's
+    checkpoint engine calls it with (path, map_location). Raises ValueError naming the file."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = found[1] if found else str(err).strip().splitlines()[-1][:120]
+            raise ValueError(f"{path}: holds a pickled global ({what}) that loading refuses; it unpickles only "
+                             "tensors, plain data and three DeepSpeed classes") from None
 
 
 def _rng_state() -> dict:

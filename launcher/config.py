@@ -155,14 +155,27 @@ class TrainConfig:
     peak_tflops: float | None = None
     """One device's dense bf16 peak in TFLOP/s, the denominator of the logged MFU; omitted means
     looked up from the GPU's name (launcher/step_metrics.py), and no MFU where it is not known."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or inf in a step's loss or gradient norm (DeepSpeed's overflow skip included), decided
+    on every rank at the same step: stop the run there with an error naming the step and the first
+    non-finite gradient (the last checkpoint is kept, this step is not saved), or skip the update,
+    count it (MLflow skipped_steps) and go on (launcher/nonfinite.py)."""
+    max_skipped: int = 10
+    """skip: stop as `stop` does after this many non-finite steps in a row."""
+    spike_factor: float | None = 3.0
+    """Warn when a step's loss exceeds this many times the mean of the last 20 steps' losses;
+    omitted means no check."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch", "micro_batch", "log_every"):
+        for name in ("steps", "global_batch", "micro_batch", "log_every", "max_skipped"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "use 1 or more")
         if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):  # NaN fails too
             raise ConfigError("train.peak_tflops", self.peak_tflops, "use a finite number > 0 (TFLOP/s), or "
                               "omit it to look the peak up from the GPU's name")
+        if self.spike_factor is not None and not self.spike_factor > 1:
+            raise ConfigError("train.spike_factor", self.spike_factor, "use a factor > 1 (e.g. 3.0), or omit it "
+                              "for no spike check")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,10 +184,15 @@ class CheckpointConfig:
     """Save every this many steps (and at the end); omitted means only at the end."""
     dir: str | None = None
     """Omitted means <train.output_dir>/checkpoints."""
+    keep: int | None = None
+    """After each save, keep this many complete checkpoints (the one `latest` names and those of
+    the steps before it) and delete older ones; omitted means keep all."""
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
             raise ConfigError("checkpoint.every", self.every, "use 1 or more, or omit it")
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError("checkpoint.keep", self.keep, "use 1 or more, or omit it to keep every checkpoint")
 
 
 @dataclass(frozen=True, kw_only=True)

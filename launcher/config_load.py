@@ -1,14 +1,15 @@
 """YAML (+ `--set section.key=value` overrides) -> `RunConfig`, with the checks a typo needs.
 
 Unknown keys are refused with the closest known name; values are checked against the field's
-type (int, float, str, bool, `Literal[...]`, `X | None`, `dict[K, V]`); a section's own `ValueError` is
-reported with the section's name.
+type (int, float, str, bool, `Literal[...]`, `X | None`, `dict[K, V]`), and a float must be finite;
+a section's own `ValueError` is reported with the section's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from importlib import resources
@@ -115,11 +116,14 @@ def convert(hint: Any, value: Any, name: str) -> Any:
         if value not in choices:
             raise ConfigError(name, value, f"choose one of {', '.join(map(repr, choices))}")
         return value
-    if hint is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+    if hint is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:  # PyYAML reads `3e-4` (no dot) as a string
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(name, value, "expected a number") from None
+        if not math.isfinite(number):  # YAML's .nan/.inf, "nan", "1e999": no field means any of them
+            raise ConfigError(name, value, "expected a finite number, not nan or inf")
+        return number
     if hint in (int, float, str, bool):
         if type(value) is not hint:
             raise ConfigError(name, value, f"expected {hint.__name__}, got {type(value).__name__}")

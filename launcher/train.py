@@ -6,11 +6,15 @@ tokens in the global batch. Each rank backpropagates its share scaled so that De
 averaging (÷ dp over the dp x sp reduction, ÷ dp x sp under the pipeline engine, ÷ micro-batches)
 leaves exactly that gradient. With pp > 1 the pipeline engine runs the micro-batches (1F1B) and
 the last stage's loss function applies the same scale (parallel/pipeline.py).
+
+After each step every rank agrees whether its loss and gradient norm were finite, and stops or
+skips together (launcher/nonfinite.py, `train.on_nonfinite`); a bad step is never checkpointed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +24,11 @@ import yaml
 
 from ithaca.data.loader import PackedLoader, Source
 from ithaca.data.packing import document_ids, document_positions, document_starts
-from ithaca.launcher.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ithaca.launcher.checkpoint import load_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
+from ithaca.launcher.nonfinite import NonFiniteGuard
 from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
 from ithaca.launcher.step_metrics import StepMeter
 from ithaca.launcher.tracking import Tracker
@@ -67,10 +72,12 @@ def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None)
 
 
 def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, device: torch.device,
-               eos_id: int | None) -> tuple[float, int]:
+               eos_id: int | None, before_update: Callable[[float], None] | None = None) -> tuple[float, int]:
     """Forward/backward every micro-batch and step; returns (global mean token loss, global token count).
 
-    `eos_id` turns on document masking (see sequence_slice)."""
+    `eos_id` turns on document masking (see sequence_slice). `before_update(loss)` runs on every
+    rank after the last backward and before the update, with the global loss (pp=1 only: the
+    pipeline engine updates inside `train_batch`)."""
     slices = [[None if t is None else t.to(device) for t in sequence_slice(w, mesh, eos_id)] for w in micro_batches]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, real-token count]
     sums[1] = sum(int((labels >= 0).sum()) for _, labels, *_ in slices)
@@ -84,14 +91,20 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
         engine.train_batch(iter([micro_batch_inputs(*s) for s in slices]))
         sums[0] = loss_fn.step_sum if engine.is_last_stage() else 0.0
         dist.all_reduce(sums[:1], group=mesh.group("pp"))  # the last stage's sum, to every stage
-    else:
-        for tokens, labels, positions, doc_ids, resets in slices:
-            loss_sum = engine(tokens, positions, labels, doc_ids, resets).sum()
-            engine.backward(loss_sum * scale)
-            engine.step()
-            sums[0] += loss_sum.detach().double()
-    dist.all_reduce(sums[:1], group=mesh.group("dp_sp"))
-    return sums[0].item() / global_tokens, int(global_tokens)
+        dist.all_reduce(sums[:1], group=mesh.group("dp_sp"))
+        return sums[0].item() / global_tokens, int(global_tokens)
+    for i, (tokens, labels, positions, doc_ids, resets) in enumerate(slices):
+        loss_sum = engine(tokens, positions, labels, doc_ids, resets).sum()
+        engine.backward(loss_sum * scale)
+        sums[0] += loss_sum.detach().double()
+        if i < len(slices) - 1:
+            engine.step()  # inside the accumulation DeepSpeed only counts the micro-batch
+    dist.all_reduce(sums[:1], group=mesh.group("dp_sp"))  # before the update, for before_update
+    loss = sums[0].item() / global_tokens
+    if before_update is not None:
+        before_update(loss)
+    engine.step()  # the accumulation boundary: the update
+    return loss, int(global_tokens)
 
 
 def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecord]:
@@ -115,8 +128,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
 
     step, loader_states, run_id = 0, None, None
     if resume is not None:
-        path = resolve_checkpoint(cfg.checkpoint_dir, resume)
-        client = load_checkpoint(engine, path)
+        path, client = load_checkpoint(engine, cfg.checkpoint_dir, resume)  # verified; 'latest' may fall back
         step, loader_states, run_id = client["step"], client["loader"], client["mlflow_run_id"]
         log.info(f"resumed from {path} at step={step}")
     # Handlers first: the loader's worker processes are forked with them, so a stop signal sent to
@@ -128,30 +140,39 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
         mask_eos = eos_id if cfg.data.document_mask else None
         tracker = Tracker(cfg, config_yaml, run_id) if rank == 0 else None
+        guard = NonFiniteGuard(cfg, engine, dist.group.WORLD, ctx.device)  # after a resume: it reads skipped_steps
         while step < cfg.train.steps:
             step += 1
             start = time.perf_counter()
-            loss, tokens = train_step(engine, loader.next_step(), mesh, ctx.device, mask_eos)
+            batch = loader.next_step()
+            loss, tokens = train_step(engine, batch, mesh, ctx.device, mask_eos, guard.before_update)
             seconds = time.perf_counter() - start
             speed = meter.read(tokens, seconds)  # peak memory, and MFU where the device's peak is known
-            record = StepRecord(step=step, loss=loss, lr=engine.get_lr()[0],
-                                grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens=tokens,
-                                seconds=seconds)
+            norm = engine.get_global_grad_norm()  # None: fp32 without ZeRO computes none
+            grad_norm = None if norm is None else float(norm)
+            # Collective: every rank stops (raises NonFiniteStep) or skips at the same step.
+            recompute = None if mesh.pp > 1 else (
+                lambda: train_step(engine, batch, mesh, ctx.device, mask_eos, lambda _: guard.look_for_bad_gradient()))
+            guard.after_step(step, loss, grad_norm, engine.was_step_applied(), recompute)
+            record = StepRecord(step=step, loss=loss, lr=engine.get_lr()[0], grad_norm=grad_norm or 0.0,
+                                tokens=tokens, seconds=seconds)
             records.append(record)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.info(f"step={step} loss={loss:.4f} lr={record.lr:.3e} grad_norm={record.grad_norm:.3f} "
                          f"tok_s={tokens / seconds:.0f} s_step={seconds:.3f} "
-                         + " ".join(f"{k}={v:.3f}" for k, v in speed.items()))
+                         + " ".join(f"{k}={v:.3f}" for k, v in speed.items())
+                         + (f" skipped_steps={guard.skipped}" if guard.skipped else ""))
             data_metrics = _data_metrics(cfg, loader, mesh, ctx.device, step)
             if tracker:
                 tracker.log_step(step, {"loss": loss, "lr": record.lr, "grad_norm": record.grad_norm,
-                                        "tokens_per_s": tokens / seconds, "s_per_step": seconds, **speed, **data_metrics})
+                                        "skipped_steps": guard.skipped, "tokens_per_s": tokens / seconds,
+                                        "s_per_step": seconds, **speed, **data_metrics})
             stop = stopper.agreed(ctx.device) if step < cfg.train.steps else None
             every = cfg.checkpoint.every
             if stop or step == cfg.train.steps or (every and step % every == 0):
                 client = {"step": step, "loader": _gather_loader_states(loader, mesh),
                           "mlflow_run_id": tracker.run_id if tracker else None}
-                path = save_checkpoint(engine, cfg.checkpoint_dir, step, client)
+                path = save_checkpoint(engine, cfg.checkpoint_dir, step, client, keep=cfg.checkpoint.keep)
                 log.info(f"checkpoint step={step} path={path}")
             if stop:
                 if rank == 0:
