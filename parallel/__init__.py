@@ -1,4 +1,8 @@
-"""Parallelism: the device mesh, sequence-parallel attention, and the megatron-core/DeepSpeed bridge."""
+"""Parallelism: the device mesh, sequence-parallel attention, and the megatron-core/DeepSpeed bridge.
+
+A model laid out on a mesh (tp, pp, sp per layer kind): `ithaca.parallel.parallelize.parallelize_llama`
+(imported from its module: it pulls in megatron-core, and with pp > 1 DeepSpeed's pipeline engine).
+"""
 
 from ithaca.parallel.allgather_kv import allgather_kv_attention
 from ithaca.parallel.lasp2 import lasp2_attention
