@@ -242,6 +242,9 @@ class RunConfig:
         if self.train.global_batch % per_step:
             raise ConfigError("train.global_batch", self.train.global_batch,
                               f"must be a multiple of micro_batch*dp={per_step}")
+        if p.pp_split is not None and sum(p.pp_split) != self.model.n_layers:
+            raise ConfigError("parallel.pp_split", list(p.pp_split), f"the block counts sum to {sum(p.pp_split)}, "
+                              f"not model.n_layers={self.model.n_layers}")
         if p.pp > 1:
             self._check_pipeline()
 
@@ -250,9 +253,6 @@ class RunConfig:
         if p.pp > layers:
             raise ConfigError("parallel.pp", p.pp, f"more stages than model.n_layers={layers}: every stage "
                               "needs a block; use pp <= n_layers")
-        if p.pp_split is not None and sum(p.pp_split) != layers:
-            raise ConfigError("parallel.pp_split", list(p.pp_split),
-                              f"the block counts sum to {sum(p.pp_split)}, not model.n_layers={layers}")
         if self.train.zero_stage > 1:
             raise ConfigError("train.zero_stage", self.train.zero_stage,
                               f"DeepSpeed's pipeline engine (pp={p.pp}) supports ZeRO stage 0 or 1 only; set "

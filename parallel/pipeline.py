@@ -124,14 +124,19 @@ class TokenWeightedLoss:
     (set by the training loop before each step); keeps the unscaled sum of the step."""
 
     def __init__(self) -> None:
-        self.scale, self.step_sum = 1.0, torch.zeros((), dtype=torch.float64)
+        self.scale, self.sums = 1.0, []
 
     def start_step(self, scale: float) -> None:
-        self.scale, self.step_sum = scale, torch.zeros((), dtype=torch.float64)
+        self.scale, self.sums = scale, []
+
+    @property
+    def step_sum(self) -> torch.Tensor:
+        """The step's unscaled loss sum (fp64, on the losses' device; read it on the last stage)."""
+        return torch.stack(self.sums).sum()
 
     def __call__(self, losses: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         total = losses.sum()
-        self.step_sum = self.step_sum + total.detach().double().cpu()
+        self.sums.append(total.detach().double())  # no host copy: the schedule runs on without a sync
         return total * self.scale
 
 
@@ -202,6 +207,8 @@ def balance_blocks(weights: list[int], pp: int) -> list[int]:
 
 def stage_blocks(args: LlamaArgs, pp: int, pp_split: list[int] | None) -> list[int]:
     """Blocks per stage: `pp_split` as given, else balanced by parameter count."""
+    if pp > args.n_layers:
+        raise ValueError(f"pp={pp}: more stages than n_layers={args.n_layers}; every stage needs a block")
     if pp_split is not None:
         if len(pp_split) != pp or sum(pp_split) != args.n_layers or min(pp_split) < 1:
             raise ValueError(f"pp_split={pp_split}: give {pp} block counts, each >= 1, summing to "

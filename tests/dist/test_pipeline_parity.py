@@ -26,7 +26,8 @@ LAYOUTS = {  # name: (config, dp, pp, tp, sp, extra overrides)
                                                  "model.activation_checkpointing=selective")),
     "llama-pp2xsp2-ring": (LLAMA, 1, 2, 1, 2, ("parallel.sp_method=ring", "model.activation_checkpointing=full")),
     "hybrid-pp2xsp2-ulysses": (HYBRID, 1, 2, 1, 2, ("parallel.sp_method=ulysses",)),
-    "llama-pp2xtp2": (LLAMA, 1, 2, 2, 1, ()),
+    # no document ids or resets to carry between the stages
+    "llama-pp2xtp2-no-document-mask": (LLAMA, 1, 2, 2, 1, ("data.document_mask=false",)),
     "hybrid-pp2xtp2": (HYBRID, 1, 2, 2, 1, ()),
     "llama-dp2xpp2": (LLAMA, 2, 2, 1, 1, ()),
     "hybrid-dp2xpp2": (HYBRID, 2, 2, 1, 1, ()),

@@ -113,6 +113,7 @@ def test_missing_required_field_and_missing_file(tmp_path):
 @pytest.mark.parametrize("overrides, field, fix", [
     (("parallel.pp=2", "model.n_layers=4", "parallel.pp_split=[1,2]"), "parallel.pp_split",
      "the block counts sum to 3, not model.n_layers=4"),
+    (("parallel.pp_split=[3]",), "parallel.pp_split", "the block counts sum to 3, not model.n_layers=2"),
     (("parallel.pp=2", "parallel.pp_split=[2,0]"), "parallel.pp_split", "each >= 1"),
     (("parallel.pp=2", "train.zero_stage=2"), "train.zero_stage", "ZeRO stage 0 or 1 only"),
     (("parallel.pp=2", "train.global_batch=4"), "train.global_batch",

@@ -27,6 +27,8 @@ def test_a_given_split_is_checked():
     assert stage_blocks(args, 2, [1, 3]) == [1, 3]
     with pytest.raises(ValueError, match=r"pp_split=\[2, 1\]: give 2 block counts, each >= 1, summing to n_layers=4"):
         stage_blocks(args, 2, [2, 1])
+    with pytest.raises(ValueError, match=r"pp=5: more stages than n_layers=4"):
+        stage_blocks(args, 5, None)
 
 
 def _built_part_sizes(variants: dict[str, dict]) -> dict[str, tuple[list[int], list[int]]]:
