@@ -64,6 +64,7 @@ def exercise(dtype: torch.dtype) -> None:
     from ithaca.kernels.linear_cross_entropy.chunked import linear_cross_entropy_blocked
     from ithaca.kernels.linear_cross_entropy.triton import TRITON_STEPS
     from ithaca.kernels.rms_norm.triton import rms_norm_triton
+    from ithaca.kernels.rope.reference import rope_inv_freq
     from ithaca.kernels.rope.triton import rope_triton
     from ithaca.kernels.swiglu.triton import swiglu_triton
 
@@ -82,7 +83,7 @@ def exercise(dtype: torch.dtype) -> None:
         y = rms_norm_triton(x, weight, 1e-5, res)
         (y[0] if res is not None else y).float().sum().backward()
     rms_norm_triton(rand(s, 8, 128), rand(8, 128), 1e-5).float().sum().backward()  # per-head gains
-    q_rot, k_rot = rope_triton(q, k, torch.arange(s)[None], 1e4)
+    q_rot, k_rot = rope_triton(q, k, torch.arange(s)[None], rope_inv_freq(128, 1e4))
     (q_rot.float().sum() + k_rot.float().sum()).backward()
     gate_up = rand(s, 2 * 5632)
     swiglu_triton(*gate_up.chunk(2, dim=-1)).float().sum().backward()

@@ -245,16 +245,17 @@ def rope_jobs(s: int, env: Env) -> list[Job]:
     # liger takes Hugging Face's fp32 cos/sin [1, s, d] (both halves) that a model makes once per
     # batch for all layers, so outside the timing; q, k go in as [b, h, s, d] views of ours. It
     # rotates q and k (and dq, dk in backward) in place: rotations keep the inputs' scale.
-    angles = positions.float()[..., None] * rope_inv_freq(z.head_dim, THETA, q.device)  # [1, s, d/2]
+    freq = rope_inv_freq(z.head_dim, THETA, q.device)
+    angles = positions.float()[..., None] * freq  # [1, s, d/2]
     cos, sin = (torch.cat((f, f), dim=-1) for f in (angles.cos(), angles.sin()))  # [1, s, d]
 
     def liger(liger_rope: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
         q_rot, k_rot = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
 
-    impls = [Candidate(f"ours [{env.ours}]", lambda: rope(q, k, positions, THETA, impl=env.ours)),
-             Candidate("eager [reference]", lambda: rope_reference(q, k, positions, THETA)),
-             _compiled("torch.compile [reference]", rope_reference, lambda f: f(q, k, positions, THETA), env),
+    impls = [Candidate(f"ours [{env.ours}]", lambda: rope(q, k, positions, freq, impl=env.ours)),
+             Candidate("eager [reference]", lambda: rope_reference(q, k, positions, freq)),
+             _compiled("torch.compile [reference]", rope_reference, lambda f: f(q, k, positions, freq), env),
              _peer("liger rope", LIGER, "liger_rope", liger, env)]
     work = 4 * s * (z.heads + z.kv_heads) * z.head_dim * q.element_size()
     return _jobs("rope", f"s={s} h={z.heads}/{z.kv_heads} d={z.head_dim}", impls, (q, k), (dq, dk), 0, work, "byte",

@@ -11,7 +11,8 @@ stream count train on the same batches.
 
 The loader's state is what the main process has consumed: the micro-batch count and, per
 stream, the position after its last consumed micro-batch. Prefetched micro-batches are not in
-it, so a resumed run gets exactly the micro-batches the uninterrupted one would have.
+it, so a resumed run gets exactly the micro-batches the uninterrupted one would have. A run with
+another dp x workers resumes from every rank's state: data/resplit.py states the rule.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ithaca.data.mixture import mixture_choices
+from ithaca.data.resplit import state_for_layout
 from ithaca.data.shard_reader import ShardError
 from ithaca.data.shards import Manifest, read_manifest
 from ithaca.data.stream import DatasetStream
@@ -111,28 +113,30 @@ class _RankStreams(IterableDataset):
 class PackedLoader:
     """Yields, per optimizer step, this dp rank's micro-batches as [micro_batch, seq_len + 1] int64 tensors.
 
-    Raises ValueError if a dataset has fewer shards than streams (dp x workers), or if `state`
-    comes from a run with another stream count; ShardError (a ValueError) from `next_step` for an
-    unreadable shard under on_error="raise". `close()` stops its worker processes (at exit, an
-    open loader is closed: data/worker_lifetime.py says why that matters).
+    `state`: every dp rank's `state_dict()`, in dp-rank order, from the run to continue, whatever
+    its dp and workers (data/resplit.py: the same stream count continues exactly, another one
+    re-divides the epoch). Raises ValueError if a dataset has fewer shards than streams
+    (dp x workers), or if `state` is not such a list or is for another number of datasets;
+    ShardError (a ValueError) from `next_step` for an unreadable shard under on_error="raise".
+    `close()` stops its worker processes (at exit, an open loader is closed:
+    data/worker_lifetime.py says why that matters).
     """
 
     def __init__(self, sources: list[Source], *, seq_len: int, micro_batch: int, grad_accum: int, dp: int,
                  dp_rank: int, workers: int = 0, seed: int = 0, shuffle: bool = True, on_error: OnError = "raise",
-                 state: dict | None = None):
+                 state: list[dict] | None = None):
         manifests = tuple(read_manifest(s.path) for s in sources)
         self.streams_per_rank = max(workers, 1)
         n_streams = dp * self.streams_per_rank
         for source, manifest in zip(sources, manifests):
             check_stream_count(source.path, manifest, dp, workers)
-        if state is not None and state["streams"] != n_streams:
-            raise ValueError(f"--resume: the checkpoint's data position is for {state['streams']} data streams "
-                             f"(dp x data.workers), this run has {n_streams}; resume with the same dp and "
-                             "data.workers")
+        own = None if state is None else state_for_layout(
+            state, dp=dp, dp_rank=dp_rank, workers=workers, n_shards=[len(m.shards) for m in manifests], seed=seed,
+            shuffle=shuffle)
         self.spec = StreamSpec(tuple(sources), manifests, seq_len, micro_batch, n_streams, seed, shuffle, on_error)
         self.grad_accum = grad_accum
-        self.micro_batches = state["micro_batches"] if state else 0
-        self.stream_states: dict[int, dict] = dict(state["stream_states"]) if state else {}
+        self.micro_batches = own["micro_batches"] if own else 0
+        self.stream_states: dict[int, dict] = dict(own["stream_states"]) if own else {}
         dataset = _RankStreams(self.spec, dp_rank, self.streams_per_rank, self.micro_batches, self.stream_states)
         self._batches: Iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                                   worker_init_fn=ignore_stop_signals) if workers else dataset)
@@ -157,7 +161,8 @@ class PackedLoader:
         forget(self)
 
     def state_dict(self) -> dict:
-        """The position after the micro-batches handed out so far; `state=` of a loader that continues."""
+        """The position after the micro-batches handed out so far; with the other dp ranks', the `state=`
+        of a loader that continues."""
         return {"streams": self.spec.n_streams, "micro_batches": self.micro_batches,
                 "stream_states": dict(self.stream_states)}
 

@@ -5,6 +5,8 @@ Documents are read in input order by this process and tokenized by a pool of wor
 are written in order. Work happens in a hidden sibling folder `.<output>.partial` that becomes
 `<output>` only once the manifest is written, so training never sees half a dataset; an
 interrupted prep keeps its finished shards there and the same command continues after them.
+A file or JSONL line that is not readable text stops the prep, or with on_error="skip" is left
+out, logged and counted in manifest.json's "skipped" (input_errors.py).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import json
 import multiprocessing
 import shutil
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from ithaca.data.inputs import Document, InputPosition, read_documents
+from ithaca.data.input_errors import MAX_LISTED, BadInput, OnError, SkipLog
+from ithaca.data.inputs import Document, InputPosition, read_documents, stored_size
 from ithaca.data.shard_writer import JOURNAL, Journal, ShardWriter
 from ithaca.data.shards import MANIFEST, Manifest
 from ithaca.data.tokenizer import Tokenizer
@@ -32,24 +36,29 @@ BATCH_BYTES = 1 << 20
 
 
 def prep(files: list[Path], output: Path, tokenizer: Tokenizer, *, shard_tokens: int = 1 << 22,
-         field: str = "text", workers: int = 1, progress: bool = False) -> Manifest:
+         field: str = "text", workers: int = 1, progress: bool = False, on_error: OnError = "stop") -> Manifest:
     """Tokenize every document of `files` into shards of about `shard_tokens` tokens under `output`.
 
     `workers` > 1 tokenizes in that many processes; `progress` shows a bar on a terminal.
-    Raises ValueError when `output` already holds files or the input has no tokens.
+    `on_error="skip"` leaves out bad files and JSONL lines and records them in manifest.json.
+    Raises ValueError when `output` already holds files, the input has no tokens, or (on_error="stop")
+    at the first bad file or line, naming it; finished shards then stay in the hidden staging folder.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output={str(output)!r}: folder exists and is not empty; choose a new one or remove it")
     staging = output.with_name(f".{output.name}.partial")
-    journal = Journal.resume_or_start(staging, _fingerprint(files, tokenizer, shard_tokens, field))
+    journal = Journal.resume_or_start(staging, _fingerprint(files, tokenizer, shard_tokens, field, on_error))
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     writer = ShardWriter(staging, journal, shard_tokens=shard_tokens, dtype=dtype)
-    docs = read_documents(files, field, journal.next_position)
+    docs = read_documents(files, field, journal.next_position, on_error)
     try:
         with _progress_bar(files, journal.next_position, progress) as bar:
             for doc, ids in _tokenized(docs, tokenizer, workers):
-                writer.add(ids, doc.position)
+                if doc.bad is None:
+                    writer.add(ids, doc.position)
+                else:
+                    _skip(journal.skipped, doc.bad)
                 bar.update(doc.bytes_read - bar.n)
         manifest = Manifest(tokenizer=tokenizer.identity(), shards=writer.finish())
     except KeyboardInterrupt:
@@ -58,8 +67,11 @@ def prep(files: list[Path], output: Path, tokenizer: Tokenizer, *, shard_tokens:
         raise
     if manifest.tokens == 0:
         shutil.rmtree(staging)
-        raise ValueError(f"--input: {len(files)} file(s) hold no text to tokenize; give non-empty input")
-    (staging / MANIFEST).write_text(manifest.to_json())
+        skipped = f" ({journal.skipped.summary()})" if on_error == "skip" else ""
+        raise ValueError(f"--input: {len(files)} file(s) hold no text to tokenize{skipped}; give non-empty input")
+    # "skipped" sits beside the shard list (shards.py's format): read_manifest ignores it, read_skip_log reads it
+    record = {**json.loads(manifest.to_json()), "skipped": journal.skipped.to_json()}
+    (staging / MANIFEST).write_text(json.dumps(record, indent=1))
     (staging / JOURNAL).unlink(missing_ok=True)  # written only when a shard closed before the last
     if output.exists():
         output.rmdir()  # empty (checked above)
@@ -67,18 +79,34 @@ def prep(files: list[Path], output: Path, tokenizer: Tokenizer, *, shard_tokens:
     return manifest
 
 
-def _fingerprint(files: list[Path], tokenizer: Tokenizer, shard_tokens: int, field: str) -> str:
+def _fingerprint(files: list[Path], tokenizer: Tokenizer, shard_tokens: int, field: str, on_error: OnError) -> str:
     """What makes two preps the same: the inputs (path, size, mtime), tokenizer and options."""
-    inputs = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    spec = {"inputs": inputs, "tokenizer": tokenizer.identity(), "shard_tokens": shard_tokens, "field": field}
+    inputs = [(str(f.resolve()), *_size_and_mtime(f)) for f in files]
+    spec = {"inputs": inputs, "tokenizer": tokenizer.identity(), "shard_tokens": shard_tokens, "field": field,
+            "on_error": on_error}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _size_and_mtime(path: Path) -> tuple[int | None, int | None]:
+    try:
+        stat = path.stat()
+    except OSError:  # missing or a broken link: reading it reports that
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _skip(skipped: SkipLog, bad: BadInput) -> None:
+    if skipped.add(bad):
+        log.warning(f"prep: skipped {bad}")
+    elif skipped.files + skipped.lines == MAX_LISTED + 1:
+        log.warning(f"prep: skipped more than {MAX_LISTED} inputs; counting the rest without naming them")
 
 
 def _progress_bar(files: list[Path], start: InputPosition, enabled: bool):
     from tqdm import tqdm
 
-    done = sum(f.stat().st_size for f in files[:start.file])
-    return tqdm(total=sum(f.stat().st_size for f in files), initial=done, unit="B", unit_scale=True,
+    done = sum(stored_size(f) for f in files[:start.file])
+    return tqdm(total=sum(stored_size(f) for f in files), initial=done, unit="B", unit_scale=True,
                 desc="prep", disable=None if enabled else True)  # None: only on a terminal
 
 
@@ -122,4 +150,4 @@ def _init_worker(tokenizer: Tokenizer) -> None:
 
 def _encode_batch(batch: list[Document], tokenizer: Tokenizer | None = None) -> list[tuple[Document, np.ndarray]]:
     tokenizer = tokenizer or _worker_tokenizer
-    return [(Document(d.position, "", d.bytes_read), tokenizer.encode(d.text)) for d in batch]
+    return [(replace(d, text=""), tokenizer.encode(d.text)) for d in batch]

@@ -2,8 +2,8 @@
 
 A shard is written as `shard-NNNNNN.tar.tmp`, hashed, renamed to `shard-NNNNNN.tar`, and only then
 recorded in `prep-journal.json` (replaced atomically) with the input position after its last
-document. A re-run of the same prep (same fingerprint) keeps the journal's shards, deletes anything
-else, and continues from that position.
+document and the bad inputs skipped before that position. A re-run of the same prep (same
+fingerprint) keeps the journal's shards, deletes anything else, and continues from that position.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from ithaca.data.input_errors import SkipLog
 from ithaca.data.inputs import InputPosition
 from ithaca.data.shards import ShardInfo
 from ithaca.log import get_logger
@@ -32,6 +33,9 @@ class Journal:
     shards: list[ShardInfo] = field(default_factory=list)
     next_position: InputPosition = InputPosition(0, 0)
     """Where the input continues after the last finished shard."""
+    skipped: SkipLog = field(default_factory=SkipLog)
+    """Bad inputs left out so far. Prep adds them in input order, interleaved with documents, so
+    when a shard closes and the journal is saved they are exactly those before `next_position`."""
 
     @classmethod
     def resume_or_start(cls, folder: Path, fingerprint: str) -> Journal:
@@ -54,14 +58,16 @@ class Journal:
     def _read(cls, path: Path) -> Journal | None:
         try:
             raw = json.loads(path.read_text())
-            return cls(raw["fingerprint"], [ShardInfo(**s) for s in raw["shards"]], InputPosition(*raw["next_position"]))
+            return cls(raw["fingerprint"], [ShardInfo(**s) for s in raw["shards"]],
+                       InputPosition(*raw["next_position"]), SkipLog.from_json(raw["skipped"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def save(self, folder: Path) -> None:
         tmp = folder / f"{JOURNAL}.tmp"
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": [asdict(s) for s in self.shards],
-                                   "next_position": [self.next_position.file, self.next_position.doc]}))
+                                   "next_position": [self.next_position.file, self.next_position.doc],
+                                   "skipped": self.skipped.to_json()}))
         os.replace(tmp, folder / JOURNAL)
 
     @property

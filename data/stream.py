@@ -5,6 +5,7 @@ next-token labels, so labels are taken before any sequence-parallel split and no
 a window edge. The stream runs through epochs without end (data/split.py says which shards, in
 which order). Its position is a `Cursor`: a few integers that a checkpoint stores and that a
 resumed stream starts from, so it yields exactly the windows the uninterrupted one would have.
+A stream made by a re-split (data/resplit.py) also stores what it reads of the epochs it took over.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ithaca.data.shard_reader import ShardError, read_shard
 from ithaca.data.shards import Manifest
-from ithaca.data.split import document_order, stream_shards
+from ithaca.data.split import Segment, document_order, stream_segments
 from ithaca.log import get_logger
 
 log = get_logger(__name__, all_ranks=True)  # each stream reports its own skips
@@ -25,7 +26,7 @@ log = get_logger(__name__, all_ranks=True)  # each stream reports its own skips
 
 @dataclass(frozen=True)
 class Cursor:
-    """The next window's first token: epoch, the stream's shard (index into its shards for that
+    """The next window's first token: epoch, the stream's shard (index into its segments for that
     epoch), document (index in that shard's reading order), token offset in the document + EOS."""
 
     epoch: int = 0
@@ -44,6 +45,9 @@ class DatasetStream:
         self.seed, self.shuffle, self.on_error = seed, shuffle, on_error
         self.eos = np.array([manifest.tokenizer["eos_id"]], dtype=np.int64)
         self.cursor = Cursor(*state["cursor"]) if state else Cursor()
+        # checkpoints from before re-splits hold neither key: the round-robin split from epoch 0
+        self.leftover = segments_from_rows(state.get("leftover", [])) if state else {}
+        self.normal_from = state.get("normal_from", 0) if state else 0
         self.skipped = state["skipped"] if state else 0
         """Unreadable shards passed over so far (on_error: skip)."""
         self._cache: dict[tuple[int, int], list[np.ndarray] | None] = {}
@@ -51,7 +55,8 @@ class DatasetStream:
 
     def state(self) -> dict:
         c = self.cursor
-        return {"cursor": [c.epoch, c.shard, c.doc, c.offset], "skipped": self.skipped}
+        return {"cursor": [c.epoch, c.shard, c.doc, c.offset], "skipped": self.skipped,
+                "leftover": segment_rows(self.leftover), "normal_from": self.normal_from}
 
     def next_window(self) -> np.ndarray:
         """The next [seq_len + 1] int64 window; the stream moves on by seq_len tokens (windows share one)."""
@@ -71,19 +76,29 @@ class DatasetStream:
         """(cursor, rest of that document + EOS) from `start` on, through epochs without end."""
         c = start
         while True:
-            whole_epoch, yielded = c == Cursor(c.epoch), False
-            shards = stream_shards(len(self.manifest.shards), self.n_streams, self.stream, c.epoch, self.seed,
-                                   self.shuffle)
-            while c.shard < len(shards):
-                docs = self._documents(c.epoch, c.shard, shards[c.shard]) or []
+            # a re-split's leftover may give a stream few (even no) readable shards of an epoch
+            whole_epoch, yielded = c.epoch >= self.normal_from and c == Cursor(c.epoch), False
+            segments = self._segments(c.epoch)
+            while c.shard < len(segments):
+                docs = self._documents(c.epoch, c.shard, segments[c.shard].shard) or []
                 while c.doc < len(docs):
                     yield c, docs[c.doc][c.offset:]
                     yielded, c = True, Cursor(c.epoch, c.shard, c.doc + 1)
-                c = Cursor(c.epoch, c.shard + 1)
+                c = self._entry(c.epoch, c.shard + 1)
             if whole_epoch and not yielded:
                 raise ShardError(f"data stream {self.stream} of {self.n_streams} read no document in epoch "
-                                 f"{c.epoch} of {self.folder}: all {len(shards)} of its shards are unreadable")
-            c = Cursor(c.epoch + 1)
+                                 f"{c.epoch} of {self.folder}: all {len(segments)} of its shards are unreadable")
+            c = self._entry(c.epoch + 1, 0)
+
+    def _segments(self, epoch: int) -> list[Segment]:
+        return stream_segments(len(self.manifest.shards), self.n_streams, self.stream, epoch, self.seed, self.shuffle,
+                               leftover=self.leftover, normal_from=self.normal_from)
+
+    def _entry(self, epoch: int, position: int) -> Cursor:
+        """Where the stream's `position`-th segment of `epoch` starts (mid-shard only after a re-split)."""
+        segments = self._segments(epoch)
+        start = segments[position] if position < len(segments) else Segment(0)
+        return Cursor(epoch, position, start.doc, start.offset)
 
     def _documents(self, epoch: int, position: int, shard: int) -> list[np.ndarray] | None:
         """Shard `shard`'s documents + EOS in this epoch's order; None if unreadable and skipped."""
@@ -112,3 +127,15 @@ class DatasetStream:
         passed = {k for k in self._unreadable if k < (cursor.epoch, cursor.shard)}
         self.skipped += len(passed)
         self._unreadable -= passed
+
+
+def segment_rows(leftover: dict[int, list[Segment]]) -> list[list[int]]:
+    """A stream's leftover as the plain rows a checkpoint keeps: [epoch, shard, doc, offset]."""
+    return [[epoch, s.shard, s.doc, s.offset] for epoch in sorted(leftover) for s in leftover[epoch]]
+
+
+def segments_from_rows(rows: list[list[int]]) -> dict[int, list[Segment]]:
+    leftover: dict[int, list[Segment]] = {}
+    for epoch, shard, doc, offset in rows:
+        leftover.setdefault(epoch, []).append(Segment(shard, doc, offset))
+    return leftover

@@ -7,6 +7,11 @@ file's relative path, size and sha256, and the step. Only then is the folder ren
 point leaves `latest` naming the previous complete checkpoint. The next save removes what a killed
 one left (only folders named `step_NNNNNNNN[.old].partial`), and `checkpoint.keep` deletes old ones.
 
+Each save records its layout (dp, tp, pp, sp, sp_method, ZeRO stage, precision, pp_split) and its
+model's shape in the client state (launcher/reshard.py `checkpoint_facts`); a load under the same
+layout is DeepSpeed's own, one under another layout is resharded (launcher/reshard.py), one of
+another model shape is refused naming the field.
+
 A load first checks every file against the manifest (size, then sha256) and refuses a missing,
 truncated, modified or unlisted file in one line naming it, before anything is unpickled. Resuming
 from `latest` then falls back to the newest earlier checkpoint that passes, saying so; a folder
@@ -34,6 +39,9 @@ from ithaca.log import get_logger
 
 if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight needs only resolve_checkpoint
     import deepspeed
+
+    from ithaca.launcher.config import RunConfig
+    from ithaca.parallel.mesh import ParallelMesh
 
 log = get_logger(__name__)
 
@@ -96,12 +104,15 @@ def resolve_checkpoint(ckpt_dir: Path, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: str) -> tuple[Path, dict]:
+def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: str, *, cfg: RunConfig,
+                    mesh: ParallelMesh) -> tuple[Path, dict]:
     """Verify, then restore engine state (weights, optimizer, schedule) and this rank's RNG (collective).
 
     `resume`: 'latest' (if its checkpoint fails verification, the newest earlier one that passes is
     used and one line says why) or a checkpoint folder (refused if it fails). Every rank takes the
     same decision: rank 0 lists the candidates, every rank checks a share of each one's files.
+    A checkpoint written under another layout than `cfg`'s is resharded (launcher/reshard.py);
+    one of another model shape is refused naming the field.
     Returns (the folder loaded, the client state). Raises ValueError naming the file and the failed check.
     """
     candidates = _from_rank0(lambda: _candidates(ckpt_dir, resume))
@@ -115,6 +126,20 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
         also = "; no earlier checkpoint passes either" if len(candidates) > 1 else ""
         raise ValueError(f"--resume: {problem}{also}")
 
+    # reshard.py reads files through this module: imported here, not at the top
+    from ithaca.launcher.reshard import (CheckpointLayout, check_model_shape, check_reshardable, load_resharded,
+                                         read_checkpoint_facts, written_layout)
+
+    facts = _from_rank0(lambda: read_checkpoint_facts(path))
+    check_model_shape(facts, cfg.model, path)
+    written, running = written_layout(facts), CheckpointLayout.of(cfg)
+    if written is not None and written != running:
+        check_reshardable(written, running)
+        log.info(f"resharding checkpoint {path} written under {written} to {running}")
+        client_state = load_resharded(engine, path, cfg.model, mesh)
+        _load_rng(path)
+        return path, client_state
+
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine)  # launcher/engine.py sets no other writer
@@ -123,10 +148,15 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ValueError(f"--resume={str(path)!r}: DeepSpeed could not load it (see the log above)")
+    _load_rng(path)
+    return path, client_state
+
+
+def _load_rng(path: Path) -> None:
+    """This rank's RNG state from checkpoint `path`, if it has one (a resharded run may have more ranks)."""
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(_load_weights_only(rng_file))
-    return path, client_state
 
 
 def verify_checkpoint(path: Path) -> str | None:

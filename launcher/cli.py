@@ -7,15 +7,19 @@ checkpoint) exit 1 with one line; anything else exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import subprocess
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from ithaca.launcher.config import ConfigError
+from ithaca.launcher.config import ConfigError, RunConfig
+from ithaca.launcher.process_lifetime import die_with_parent
 
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
+LAUNCHER_OPTIONS = ("--nproc", "--max-restarts")
+"""Options of `ithaca train` that the launcher uses and does not pass on to the ranks."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="tokens per shard (default: 4Mi); a run needs at least dp x data.workers shards")
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="tokenizer processes (default: one per CPU)")
+    prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                      help="a file or JSONL line that is not readable text (corrupt .gz, binary, not UTF-8, "
+                           "not JSON, no --field): 'stop' (default) ends the prep naming it; 'skip' leaves it "
+                           "out and counts it in manifest.json")
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True, help="a YAML path, or a shipped config name (e.g. debug-cpu)")
@@ -39,9 +47,26 @@ def _parser() -> argparse.ArgumentParser:
                                                  "not used when already under torchrun")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.steps=20")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                       help="when a rank fails, restart every rank from the latest complete checkpoint, up "
+                            "to K times (torchrun's elastic restarts; default 0)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                        help="continue from the latest checkpoint, or from the checkpoint folder given; "
                             "'auto': from the latest if there is one, else start (what SLURM jobs use)")
+    train.add_argument("--check-first", action="store_true",
+                       help="run `ithaca check` on this config first (from its seed, whatever --resume says) "
+                            "and train only if it passes")
+    from ithaca.launcher.check import DEFAULT_STEPS  # light: the check's heavy imports are inside its functions
+
+    check = sub.add_parser("check", help="train a few steps of the config's layout and of one process with the "
+                                         "same weights and batches (fp32); compare losses and gradient norms")
+    check.add_argument("--config", required=True, help="a YAML path, or a shipped config name (e.g. debug-cpu)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set parallel.sp=2")
+    check.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps to compare (default: {DEFAULT_STEPS})")
+    check.add_argument("--nproc", type=int, help="processes for the layout's run (default: dp*tp*pp*sp)")
+    # Not for users: `ithaca check` runs itself under torchrun with it, once per side, to record the steps.
+    check.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     submit = sub.add_parser("submit", help="submit a training run to SLURM (sbatch)")
     submit.add_argument("--config", required=True, help="a YAML path, or a shipped config name")
     submit.add_argument("--nodes", type=int, required=True)
@@ -52,9 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--qos")
     submit.add_argument("--signal-grace", type=int, default=120,
                         help="seconds before the time limit to checkpoint and requeue (default: 120)")
+    submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="when a rank fails, restart every rank from the latest complete checkpoint, up "
+                             "to K times within the job (default 0)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    track_sync = sub.add_parser("track-sync", help="push the MLflow records a run journaled while its tracking "
+                                                   "server did not answer")
+    track_sync.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder (train.output_dir)")
+    track_sync.add_argument("--uri", help="push to this tracking URI instead of the run's tracking.uri (each URI "
+                                          "keeps its own progress)")
+    export = sub.add_parser("export", help="write a checkpoint (any layout) as a Hugging Face Llama folder, or in "
+                                           "Ithaca's format for linear and hybrid models")
+    export.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
+                        help="a step_N checkpoint folder, or a checkpoints folder (exports the one `latest` names)")
+    export.add_argument("--output", required=True, type=Path, metavar="DIR", help="a new folder (never overwritten)")
+    export.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights' dtype (default: fp32)")
+    export.add_argument("--config", type=Path, help="the run's YAML (default: config.yaml two folders above the "
+                                                    "checkpoint, where training writes it)")
     return parser
 
 
@@ -66,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             return _prep(args)
         if args.command == "submit":
             return _submit(args)
+        if args.command == "track-sync":
+            return _track_sync(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "export":
+            return _export(args)
         return _train(args, argv)
     except ConfigError as err:
         print(f"ithaca: config error: {err}", file=sys.stderr)
@@ -79,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prep(args: argparse.Namespace) -> int:
+    from ithaca.data.input_errors import read_skip_log
     from ithaca.data.inputs import default_inputs, expand_inputs
     from ithaca.data.prep import prep
     from ithaca.data.tokenizer import load_tokenizer
@@ -92,9 +140,10 @@ def _prep(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError(f"--input: no text files found in {', '.join(map(str, args.input))}")
     manifest = prep(files, args.output, tokenizer, shard_tokens=args.shard_tokens, field=args.field,
-                    workers=args.workers, progress=True)
+                    workers=args.workers, progress=True, on_error=args.on_error)
+    skipped = f"; {read_skip_log(args.output).summary()}" if args.on_error == "skip" else ""
     print(f"wrote {len(manifest.shards)} shards, {manifest.documents} documents, {manifest.tokens} tokens "
-          f"to {args.output}")
+          f"to {args.output}{skipped}")
     return 0
 
 
@@ -104,21 +153,77 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ithaca.launcher.distributed import env_world_size, launched_by_torchrun
     from ithaca.launcher.preflight import check_kernels_here, preflight
 
+    if args.max_restarts < 0:
+        raise ConfigError("--max-restarts", args.max_restarts, "use 0 (no restarts) or more")
     cfg = load_config(args.config, args.overrides)
     check_kernels_here(cfg)
-    if args.resume == "auto":
-        from ithaca.launcher.checkpoint import LATEST
+    from ithaca.launcher.checkpoint import LATEST
 
-        args.resume = LATEST if (cfg.checkpoint_dir / LATEST).is_file() else None
+    has_checkpoint = (cfg.checkpoint_dir / LATEST).is_file()
+    if args.resume == "auto":
+        args.resume = LATEST if has_checkpoint else None
     if not launched_by_torchrun():
         nproc = args.nproc or cfg.parallel.world_size
         preflight(cfg, nproc, args.resume)
-        return _start_torchrun(nproc, argv)
+        if args.check_first:
+            from ithaca.launcher.check import DEFAULT_STEPS
+
+            failure = _run_check(cfg, args.config, args.overrides, nproc, DEFAULT_STEPS)
+            if failure is not None:
+                print(f"ithaca: check failed, not training: {failure}", file=sys.stderr)
+                return FAILURE
+        argv = [item for item in argv if item != "--check-first"]  # checked here; the ranks only train
+        return _start_torchrun(cfg, nproc, args.max_restarts, argv)
+    if args.check_first:
+        raise ConfigError("--check-first", True, "the check starts its own processes, so it cannot run under "
+                                                 "torchrun; give it to `ithaca train` without torchrun, or run "
+                                                 "`ithaca check` before starting torchrun")
+    # torchrun killed outright: its ranks checkpoint and stop instead of training on (SIGTERM is a stop signal)
+    die_with_parent(signal.SIGTERM)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and has_checkpoint:  # torchrun restarted every rank after one failed (--max-restarts)
+        args.resume = LATEST
+        print(f"ithaca: restart {restart}: resuming from the latest complete checkpoint", file=sys.stderr)
     preflight(cfg, env_world_size(), args.resume)
     from ithaca.launcher.train import run_training
 
     run_training(cfg, resume=args.resume)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    _quiet_library_warnings()
+    from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.distributed import env_world_size, launched_by_torchrun
+
+    if args.steps < 1:
+        raise ConfigError("--steps", args.steps, "use 1 or more")
+    cfg = load_config(args.config, args.overrides)
+    if not launched_by_torchrun():
+        failure = _run_check(cfg, args.config, args.overrides, args.nproc, args.steps)
+        if failure is not None:
+            print(f"ithaca: check failed: {failure}", file=sys.stderr)
+            return FAILURE
+        return 0
+    if args.record is None:
+        raise ConfigError("ithaca check", "under torchrun", "run it without torchrun: it starts the layout's "
+                                                            "processes and the one-process twin itself")
+    from ithaca.launcher.check import record_to
+    from ithaca.launcher.preflight import preflight
+
+    preflight(cfg, env_world_size())
+    record_to(args.record, cfg, args.steps)
+    return 0
+
+
+def _run_check(cfg: RunConfig, config: str, overrides: list[str], nproc: int | None, steps: int) -> str | None:
+    """Check `cfg` (the config `config` with `overrides`) and print its table; returns the failure
+    line, or None if the layout matches one process."""
+    from ithaca.launcher.check import run_check
+
+    result = run_check(config, overrides, steps, nproc, lambda n, argv: _start_torchrun(cfg, n, 0, argv))
+    print(result.report(), flush=True)
+    return result.failure
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -127,7 +232,8 @@ def _submit(args: argparse.Namespace) -> int:
     from ithaca.launcher.submit import SlurmJob, render, submit
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
-                   account=args.account, time=args.time, qos=args.qos, signal_grace=args.signal_grace)
+                   account=args.account, time=args.time, qos=args.qos, signal_grace=args.signal_grace,
+                   max_restarts=args.max_restarts)
     cfg = load_config(args.config, args.overrides)
     script = render(cfg, job, f"ithaca-{resolve_config_path(args.config).stem}")
     preflight(cfg, cfg.parallel.world_size)
@@ -139,19 +245,60 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun on this machine (without --nproc)."""
+def _export(args: argparse.Namespace) -> int:
+    _quiet_library_warnings()
+    import torch
+
+    from ithaca.launcher.export import export_checkpoint
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    written = export_checkpoint(args.checkpoint, args.output, dtype=dtype, config=args.config)
+    print(f"wrote {args.output} ({written} format, {args.dtype})")
+    return 0
+
+
+def _track_sync(args: argparse.Namespace) -> int:
+    from ithaca.launcher.metric_journal import find_journals
+    from ithaca.launcher.tracking_push import JournalPusher, Unreachable, journal_uri, unpushed
+
+    journals = find_journals(args.dir)
+    if not journals:
+        raise ValueError(f"{args.dir}: no tracking journal in {args.dir / 'tracking'}; give a run's train.output_dir")
+    for journal in journals:
+        uri = args.uri or journal_uri(journal)
+        pusher = JournalPusher(journal, uri, wait_for_lock=False)
+        try:
+            sent = pusher.push()
+        except Unreachable as err:
+            raise ValueError(f"{uri} does not answer ({err}); {unpushed(journal, uri)} records of run {journal.stem} "
+                             f"stay in {journal}: run this again when it answers") from None
+        finally:
+            pusher.close()
+        print(f"run {journal.stem}: {f'pushed {sent} records' if sent else 'nothing left to push'} "
+              f"(MLflow run {pusher.run_id} at {uri})")
+    return 0
+
+
+def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun on this machine, owning every process it starts
+    (launcher/supervisor.py); the launcher's own options are not passed on."""
     rest, skip = [], False
     for item in argv:
         if skip:
             skip = False
-        elif item == "--nproc":
+        elif item in LAUNCHER_OPTIONS:
             skip = True
-        elif not item.startswith("--nproc="):
+        elif not item.startswith(tuple(f"{option}=" for option in LAUNCHER_OPTIONS)):
             rest.append(item)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    from ithaca.launcher.supervisor import run_owned
+
+    training = ["--checkpoint-dir", str(cfg.checkpoint_dir)] if argv[:1] == ["train"] else []  # not `check`
+    cmd = [sys.executable, "-m", "ithaca.launcher.torchrun_main", *training,
+           "--parent-pid", str(os.getpid()), "--", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}",
            "-m", "ithaca", *rest]
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return run_owned(cmd, env, grace=cfg.train.step_timeout)
 
 
 def _quiet_library_warnings() -> None:

@@ -165,11 +165,23 @@ class TrainConfig:
     spike_factor: float | None = 3.0
     """Warn when a step's loss exceeds this many times the mean of the last 20 steps' losses;
     omitted means no check."""
+    collective_timeout: float = 600.0
+    """Seconds a collective may wait for the other ranks before it fails (every process group of
+    the run); a rank that died or hangs then stops the others instead of blocking them forever.
+    It must cover the longest wait of a healthy run: the first step's kernel compilation, a
+    checkpoint save."""
+    step_timeout: float = 1800.0
+    """Seconds one step (the first one's compilation included) may take before the rank's
+    watchdog names the step and the call it is stuck in, and stops the rank
+    (launcher/watchdog.py)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "max_skipped"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "use 1 or more")
+        for name in ("collective_timeout", "step_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}", getattr(self, name), "use a number of seconds > 0")
         if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):  # NaN fails too
             raise ConfigError("train.peak_tflops", self.peak_tflops, "use a finite number > 0 (TFLOP/s), or "
                               "omit it to look the peak up from the GPU's name")
@@ -198,10 +210,17 @@ class CheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     uri: str | None = None
-    """MLflow tracking URI (e.g. http://host:5000); omitted means a local store in
-    <train.output_dir>/mlruns."""
+    """MLflow tracking URI (e.g. http://host:5000); omitted means a local SQLite store,
+    <train.output_dir>/mlflow/mlflow.db."""
     experiment: str = "ithaca"
     run_name: str | None = None
+    flush_timeout: float = 60.0
+    """Seconds the end of a run waits for its tracking journal (<train.output_dir>/tracking/) to
+    reach MLflow; what is left then stays in the journal for `ithaca track-sync`."""
+
+    def __post_init__(self) -> None:
+        if self.flush_timeout < 0:
+            raise ConfigError("tracking.flush_timeout", self.flush_timeout, "use 0 or more seconds")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ithaca.parallel.megatron_bridge import initialize_megatron
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
@@ -22,14 +24,40 @@ def env_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def _attempt_store() -> dict:
+    """Under torchrun, the store, rank and world size for init_process_group, with keys of this attempt only.
+
+    torchrun (torch 2.13, c10d rendezvous) keeps one store across the attempts of --max-restarts
+    and does not prefix its keys per attempt: a restarted rank reads the addresses its killed
+    predecessors published and waits forever to connect to them (seen with gloo; pytorch#167288
+    reports the same under NCCL). Each attempt therefore gets its own key space.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return {"store": dist.PrefixStore(f"ithaca/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
+
+
 @dataclass(frozen=True)
 class Distributed:
     mesh: ParallelMesh
     device: torch.device
 
 
-def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1) -> Distributed:
-    """Start the default process group (if needed), the mesh and megatron-core's groups."""
+def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1,
+                     collective_timeout: float | None = None) -> Distributed:
+    """Start the default process group (if needed), the mesh and megatron-core's groups.
+
+    `collective_timeout` (seconds) bounds every collective of every group the run creates: a
+    rank that died or hangs makes the others fail instead of wait forever. torch gives groups
+    made without an explicit timeout (the mesh's, megatron-core's, DeepSpeed's) its module
+    default, so that default is set too, before any group exists.
+    """
+    if collective_timeout is not None:
+        timeout = timedelta(seconds=collective_timeout)
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -37,7 +65,8 @@ def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1) -> Di
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=None if collective_timeout is None else timeout,
+                                **_attempt_store())
     mesh = build_mesh(dp=dp, pp=pp, tp=tp, sp=sp, ring=ring, device_type=device.type)
     initialize_megatron(mesh)
     return Distributed(mesh=mesh, device=device)

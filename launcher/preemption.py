@@ -1,6 +1,8 @@
-"""Stopping for preemption: SIGUSR1 (SLURM's warning before the time limit, `--signal=USR1@T`)
-and SIGTERM (preemption, `scancel`) ask the run to stop; every rank stops at the same step
+"""Stopping for preemption: SIGUSR1 (SLURM's warning before the time limit, `--signal=USR1@T`),
+SIGTERM (preemption, `scancel`, a killed torchrun's parent-death signal) and SIGINT (Ctrl-C,
+handed on by `ithaca train` or torchrun) ask the run to stop; every rank stops at the same step
 boundary, after a checkpoint, and rank 0 leaves a marker that tells the batch script to requeue.
+Later signals change nothing: `ithaca train` kills the run itself on a second Ctrl-C.
 
 A signal lands on each rank at its own moment, so after every step the ranks all-reduce (max)
 the signal they have seen: all of them see the same answer at the same step.
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 MARKER = "preempted.json"
 """Written in train.output_dir by rank 0 after the checkpoint of a stop; slurm/job.sbatch requeues when it exists."""
 

@@ -17,6 +17,11 @@ def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> Non
     cfg.check_world(world_size)
     if resume is not None:
         resolve_checkpoint(cfg.checkpoint_dir, resume)
+    elif cfg.model.init_from is not None:  # a resume takes its weights from the checkpoint instead
+        from ithaca.models.hf_llama import HFFolder, check_hf_config
+
+        folder = HFFolder(cfg.model.init_from)
+        check_hf_config(folder.config, cfg.model, str(folder.config_file))
     manifests = check_data(cfg.data, cfg.parallel.dp)
     vocab = manifests[0].tokenizer["vocab_size"]
     if cfg.model.vocab_size < vocab:

@@ -34,6 +34,9 @@ class SlurmJob:
     qos: str | None = None
     signal_grace: int = 120
     """Seconds before the time limit at which SLURM sends USR1 (the checkpoint-and-requeue signal)."""
+    max_restarts: int = 0
+    """Times torchrun restarts every rank (from the latest complete checkpoint) after one fails,
+    within the job, before the job fails."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -42,6 +45,8 @@ class SlurmJob:
             raise ConfigError("--gpus-per-node", self.gpus_per_node, "use 0 (CPU processes) or more")
         if self.signal_grace < 1:
             raise ConfigError("--signal-grace", self.signal_grace, "use 1 or more seconds")
+        if self.max_restarts < 0:
+            raise ConfigError("--max-restarts", self.max_restarts, "use 0 (no restarts) or more")
 
     def processes_per_node(self, cfg: RunConfig) -> int:
         """One process per GPU (or the world size split over the nodes on CPU); raises ConfigError if
@@ -111,6 +116,8 @@ def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.execut
     values = {"sbatch_options": "\n".join(f"#SBATCH {o}" for o in options),
               "workdir": shlex.quote(str(workdir or Path.cwd())), "python": shlex.quote(python),
               "config": shlex.quote(str(files.config)), "nproc_per_node": str(nproc),
+              "checkpoint_dir": shlex.quote(str(cfg.checkpoint_dir.resolve())),
+              "max_restarts": str(job.max_restarts),
               "output_dir": shlex.quote(str(Path(cfg.train.output_dir).resolve())),
               "environment": "\n".join(environment)}
     template = resources.files("ithaca.slurm").joinpath("job.sbatch").read_text()

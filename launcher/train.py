@@ -13,6 +13,8 @@ skips together (launcher/nonfinite.py, `train.on_nonfinite`); a bad step is neve
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +30,14 @@ from ithaca.launcher.checkpoint import load_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
 from ithaca.launcher.distributed import init_distributed
 from ithaca.launcher.engine import build_engine
+from ithaca.launcher.faults import planned_fault
+from ithaca.launcher.metric_journal import newest_run_key
 from ithaca.launcher.nonfinite import NonFiniteGuard
 from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
+from ithaca.launcher.reshard import checkpoint_facts
 from ithaca.launcher.step_metrics import StepMeter
 from ithaca.launcher.tracking import Tracker
+from ithaca.launcher.watchdog import StepWatchdog
 from ithaca.log import get_logger
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.parallelize import parallelize_llama
@@ -110,7 +116,8 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
 def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecord]:
     """Train `cfg` in an initialized torchrun environment; returns rank 0's step records."""
     p = cfg.parallel
-    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, ring=p.ring)
+    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, ring=p.ring,
+                           collective_timeout=cfg.train.collective_timeout)
     mesh, rank = ctx.mesh, dist.get_rank()
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     output = Path(cfg.train.output_dir)
@@ -121,21 +128,32 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         log.info(f"resolved config:\n{config_yaml}")
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = parallelize_llama(cfg.model, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=dtype,
+    # A resumed run's weights come from its checkpoint: model.init_from's folder is not read again.
+    model_args = cfg.model if resume is None else dataclasses.replace(cfg.model, init_from=None)
+    model = parallelize_llama(model_args, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=dtype,
                               pp_split=None if p.pp_split is None else list(p.pp_split))
     engine = build_engine(cfg, model, mesh)
     meter = StepMeter(cfg.model, cfg.data.seq_len, ctx.device, dist.get_world_size(), cfg.train.peak_tflops)
 
     step, loader_states, run_id = 0, None, None
     if resume is not None:
-        path, client = load_checkpoint(engine, cfg.checkpoint_dir, resume)  # verified; 'latest' may fall back
-        step, loader_states, run_id = client["step"], client["loader"], client["mlflow_run_id"]
+        # verified; 'latest' may fall back; another layout's checkpoint is resharded (launcher/reshard.py)
+        path, client = load_checkpoint(engine, cfg.checkpoint_dir, resume, cfg=cfg, mesh=mesh)
+        # the tracking journal's run key (launcher/tracking.py); checkpoints before journals held the MLflow id
+        step, loader_states = client["step"], client["loader"]
+        run_id = client.get("tracking_run_key", client.get("mlflow_run_id"))
         log.info(f"resumed from {path} at step={step}")
+    elif rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun restarted the job before its first checkpoint: continue the same MLflow run, whose
+        # journal drops the replayed steps (they are bit-identical, as after any resume)
+        run_id = newest_run_key(output)
     # Handlers first: the loader's worker processes are forked with them, so a stop signal sent to
     # every process of the job (as SLURM does) does not kill them under the training process.
     stopper = StopOnSignal()
-    loader, tracker, records, status = None, None, [], "FAILED"
+    loader, tracker, watchdog, records, status = None, None, None, [], "FAILED"
     try:
+        watchdog = StepWatchdog(output, rank, cfg.train.step_timeout)
+        fault = planned_fault(rank)  # tests only (ITHACA_TEST_FAULT)
         loader = build_loader(cfg, mesh, loader_states)
         eos_id = loader.spec.manifests[0].tokenizer["eos_id"]
         mask_eos = eos_id if cfg.data.document_mask else None
@@ -143,6 +161,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         guard = NonFiniteGuard(cfg, engine, dist.group.WORLD, ctx.device)  # after a resume: it reads skipped_steps
         while step < cfg.train.steps:
             step += 1
+            watchdog.begin(step)
+            if fault:
+                fault.at_step_start(step)
             start = time.perf_counter()
             batch = loader.next_step()
             loss, tokens = train_step(engine, batch, mesh, ctx.device, mask_eos, guard.before_update)
@@ -171,9 +192,10 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
             every = cfg.checkpoint.every
             if stop or step == cfg.train.steps or (every and step % every == 0):
                 client = {"step": step, "loader": _gather_loader_states(loader, mesh),
-                          "mlflow_run_id": tracker.run_id if tracker else None}
+                          "tracking_run_key": tracker.run_id if tracker else None, **checkpoint_facts(cfg)}
                 path = save_checkpoint(engine, cfg.checkpoint_dir, step, client, keep=cfg.checkpoint.keep)
                 log.info(f"checkpoint step={step} path={path}")
+            watchdog.end(step)
             if stop:
                 if rank == 0:
                     write_marker(output, step, stop)
@@ -181,6 +203,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
                 break
         status = "KILLED" if step < cfg.train.steps else "FINISHED"
     finally:
+        if watchdog:
+            watchdog.close()
         if loader:
             loader.close()
         stopper.restore()
@@ -190,19 +214,18 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
 
 
 def build_loader(cfg: RunConfig, mesh: ParallelMesh, states: list[dict] | None) -> PackedLoader:
-    """This rank's loader; `states` (one per dp rank, from a checkpoint) continues where they stopped."""
-    d, dp_rank = cfg.data, mesh.rank("dp")
-    if states is not None and len(states) != mesh.dp:
-        raise ValueError(f"--resume: the checkpoint holds data positions for dp={len(states)}, this run has "
-                         f"dp={mesh.dp}; resume with the same dp")
+    """This rank's loader; `states` (one per dp rank of the run that saved them, from a checkpoint) continue
+    where they stopped, under this run's dp x data.workers whatever theirs was (data/resplit.py)."""
+    d = cfg.data
     return PackedLoader([Source(Path(p), w) for p, w in d.sources.items()], seq_len=d.seq_len,
                         micro_batch=cfg.train.micro_batch, grad_accum=cfg.grad_accum_steps, dp=mesh.dp,
-                        dp_rank=dp_rank, workers=d.workers, seed=cfg.train.seed, shuffle=d.shuffle,
-                        on_error=d.on_error, state=None if states is None else states[dp_rank])
+                        dp_rank=mesh.rank("dp"), workers=d.workers, seed=cfg.train.seed, shuffle=d.shuffle,
+                        on_error=d.on_error, state=states)
 
 
 def _gather_loader_states(loader: PackedLoader, mesh: ParallelMesh) -> list[dict]:
-    """Every dp rank's loader position (tp and sp ranks of a replica hold the same one)."""
+    """Every dp rank's loader position (tp and sp ranks of a replica hold the same one): the whole list
+    is what a resumed run needs to re-divide the epoch under another dp x data.workers."""
     states = [None] * mesh.dp
     dist.all_gather_object(states, loader.state_dict(), group=mesh.group("dp"))
     return states

@@ -39,6 +39,7 @@ from ithaca.models.linear_attention import LinearAttention
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import LocalSoftmaxAttend, SequenceInfo, SoftmaxAttend, recompute
 from ithaca.models.norm import RMSNorm
+from ithaca.models.rope_scaling import rope_frequencies
 
 
 class Attention(nn.Module):
@@ -47,8 +48,11 @@ class Attention(nn.Module):
         tp = mp.tensor_model_parallel_size
         self.attend: SoftmaxAttend = LocalSoftmaxAttend(args.kernels)
         self.selective = args.activation_checkpointing == "selective"
-        self.rope_theta, self.kernels = args.rope_theta, args.kernels
+        self.kernels = args.kernels
         self.head_dim = args.head_dim
+        inv_freq, self.rope_scale = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        # A buffer follows the module to its device; DeepSpeed's bf16 casts parameters only, so it stays fp32.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.group_size = args.n_heads // args.kv_heads  # query heads per kv head
         self.local_kv_heads = args.kv_heads // tp
         self.qkv = tensor_parallel.ColumnParallelLinear(
@@ -71,7 +75,7 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.local_kv_heads, self.group_size + 2, self.head_dim)
         q = qkv[:, :, :, : self.group_size].reshape(b, s, -1, self.head_dim)  # [b, s, h/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, h_kv/tp, d]
-        q, k = rope(q, k, seq.positions, self.rope_theta, impl=self.kernels)
+        q, k = rope(q, k, seq.positions, self.inv_freq, scale=self.rope_scale, impl=self.kernels)
         return self.attend(q, k, v, doc_ids=seq.doc_ids).reshape(b, s, -1)
 
 

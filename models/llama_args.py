@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ithaca.models.rope_scaling import RopeScaling
+
 MIXERS = {"S": "softmax attention", "L": "linear attention"}
 KernelChoice = Literal["auto", "triton", "reference"]
 Recompute = Literal["none", "full", "selective"]
@@ -23,6 +25,11 @@ class LlamaArgs:
     """Hidden size of the SwiGLU feed-forward block."""
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    """RoPE's base; raising it (e.g. 10000 -> 500000) is the simplest context extension."""
+    rope_scaling: RopeScaling | None = None
+    """A context-extension scheme on top of rope_theta (models/rope_scaling.py): linear, llama3 or
+    yarn, with Hugging Face's keys, e.g. {rope_type: llama3, factor: 8, low_freq_factor: 1,
+    high_freq_factor: 4, original_max_position_embeddings: 8192}."""
     tie_embeddings: bool = False
     init_std: float = 0.02
     layer_pattern: str = "S"
@@ -38,6 +45,10 @@ class LlamaArgs:
     lightning attention)."""
     linear_output_gate: bool = True
     """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
+    init_from: str | None = None
+    """A Hugging Face Llama folder (config.json, *.safetensors) whose weights the model starts from,
+    instead of drawing them from the seed; the numbers above must match its config.json (a mismatch
+    is refused naming the field), except rope_theta and rope_scaling, which context extension changes."""
     kernels: KernelChoice = "auto"
     """Which implementation every fused op runs (norms, RoPE, SwiGLU, the loss, softmax and linear
     attention; ithaca.kernels): auto = our Triton kernels (flash-attn for softmax attention where it

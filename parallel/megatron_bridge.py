@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -20,9 +21,13 @@ def initialize_megatron(mesh: ParallelMesh) -> None:
     """Create megatron-core's groups (sp as its context-parallel axis) and check they match the mesh."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron-core passes its own timeout to its groups: the default's, which the launcher sets to
+    # train.collective_timeout (launcher/distributed.py); it is a timedelta(minutes=...) inside.
+    timeout_minutes = c10d.default_pg_timeout.total_seconds() / 60
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=mesh.pp,
-        context_parallel_size=mesh.sp, create_gloo_process_groups=False)
+        context_parallel_size=mesh.sp, create_gloo_process_groups=False,
+        distributed_timeout_minutes=timeout_minutes)
     theirs = {
         "tp": parallel_state.get_tensor_model_parallel_group(),
         "sp": parallel_state.get_context_parallel_group(),

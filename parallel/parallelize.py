@@ -9,7 +9,10 @@
 - sp: every mixer's `attend` is swapped for the sequence-parallel method of its kind: softmax
   layers get `sp_method` (Ulysses, ring, USP or all-gather K/V), linear layers LASP-2 in the same
   sequence layout;
-- activation checkpointing is the model's own (`args.activation_checkpointing`).
+- activation checkpointing is the model's own (`args.activation_checkpointing`);
+- `args.init_from` (a Hugging Face Llama folder): each rank reads only the tensors of its own
+  parameters, maps them to our names (models/hf_llama.py) and keeps its tp part (models/state_layout.py),
+  so every layout starts from the same weights.
 Nothing here reads a config file or imports the launcher.
 """
 
@@ -21,10 +24,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ithaca.log import get_logger
+from ithaca.models.hf_llama import HFFolder, load_hf_llama
 from ithaca.models.linear_attention import LinearAttention
 from ithaca.models.llama import Attention, Llama
 from ithaca.models.llama_args import KernelChoice, LlamaArgs
 from ithaca.models.mixer import LinearAttend, LocalLinearAttend, LocalSoftmaxAttend, SoftmaxAttend
+from ithaca.models.state_layout import canonical_layout, canonical_name, shard
 from ithaca.parallel.allgather_kv import allgather_kv_attention
 from ithaca.parallel.lasp2 import lasp2_attention
 from ithaca.parallel.megatron_bridge import model_parallel_config
@@ -32,6 +38,8 @@ from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.ring import ring_attention
 from ithaca.parallel.ulysses import ulysses_attention
 from ithaca.parallel.usp import usp_attention
+
+log = get_logger(__name__)
 
 SpMethod = Literal["ulysses", "ring", "usp", "allgather"]
 
@@ -72,11 +80,30 @@ def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpM
 def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, sp_method: SpMethod = "ulysses", seed: int = 0,
                       dtype: torch.dtype = torch.float32, pp_split: list[int] | None = None) -> nn.Module:
     """This rank's part of the model `args` on `mesh`: a Llama, or with mesh.pp > 1 a DeepSpeed
-    PipelineModule of this rank's stage (`pp_split`: blocks per stage; None balances parameters)."""
+    PipelineModule of this rank's stage (`pp_split`: blocks per stage; None balances parameters).
+    Weights are drawn from `seed`, or with `args.init_from` read from that Hugging Face folder
+    (raises ValueError naming its config.json field that differs from `args`)."""
     mp = model_parallel_config(mesh, dtype)
     if mesh.pp > 1:
         from ithaca.parallel.pipeline import pipeline_llama  # imports DeepSpeed
         model = pipeline_llama(args, mesh, mp, seed=seed, pp_split=pp_split)
     else:
         model = Llama(args, mp, seed=seed, tp_group=mesh.group("tp"))
+    if args.init_from is not None:
+        load_hf_weights(model, args, mesh)
     return apply_sequence_parallel(model, mesh, sp_method, args.kernels)
+
+
+def load_hf_weights(model: nn.Module, args: LlamaArgs, mesh: ParallelMesh) -> None:
+    """Overwrite this rank's parameters (a Llama or pipeline stages) with `args.init_from`'s, each
+    cut to this rank's tp part; reads only the tensors this rank holds. No communication."""
+    folder = HFFolder(args.init_from)
+    layout = canonical_layout(args)
+    params = {canonical_name(name, args.n_layers): p for name, p in model.named_parameters()}
+    weights = load_hf_llama(folder, args, list(params), layout)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(shard(weights[name], layout[name], mesh.tp, mesh.rank("tp")))
+    theirs = folder.config.get("rope_parameters") or {k: folder.config.get(k) for k in ("rope_theta", "rope_scaling")}
+    log.info(f"init_from: {len(params)} tensors from {folder.path} (its rope: {theirs}; this run's: "
+             f"rope_theta={args.rope_theta} rope_scaling={args.rope_scaling})")

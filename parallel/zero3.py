@@ -45,7 +45,9 @@ def prepare_zero3_sequence_parallel(model: nn.Module, mesh: ParallelMesh) -> dic
     largest = max(p.numel() for p in model.parameters())
     default = get_config_default(DeepSpeedZeroConfig, "reduce_bucket_size")
     # A parameter larger than the bucket is reduce-scattered alone (zero/stage3.py:1673): ÷ dp*sp.
-    return {"reduce_scatter": False, "contiguous_gradients": True, "reduce_bucket_size": max(default, largest)}
+    # int(): DeepSpeed's default is its own pp_int, which lands in the checkpoint's pickled ds_config
+    # and which weights_only loading (launcher/checkpoint.py) refuses.
+    return {"reduce_scatter": False, "contiguous_gradients": True, "reduce_bucket_size": int(max(default, largest))}
 
 
 def check_zero3_sequence_parallel(model: nn.Module, optimizer: object, mesh: ParallelMesh) -> None:

@@ -1,11 +1,12 @@
 """Rotary position embedding in Triton: q and k rotated in one launch, forward and backward.
 
 The math is reference.py's. Each program takes BLOCK_T tokens (of b * s), computes their fp32
-angles position * inv_freq once (inv_freq comes from reference.py, so the angles are the
-reference's to the bit), and rotates every head of q and then of k with them. q and k are read
+angles position * inv_freq once (the caller's inv_freq tensor, the reference's too, so the angles
+are the reference's to the bit), scales cos and sin by SCALE, and rotates every head of q and then
+of k with them. q and k are read
 through their strides, so views into a fused qkv projection are not copied; outputs are new
-contiguous tensors. A rotation's transpose is the rotation by -angle, so the backward is the
-same kernel with sin negated. tl.cos / tl.sin lower to libdevice's __nv_cosf / __nv_sinf on
+contiguous tensors. A scaled rotation's transpose is the same scale times the rotation by
+-angle, so the backward is the same kernel with sin negated. tl.cos / tl.sin lower to libdevice's __nv_cosf / __nv_sinf on
 NVIDIA (full range reduction), not to the .approx instructions.
 
 Names follow fla: p_ pointers, b_ blocks, o_ offsets, m_ masks, CAPS constexprs.
@@ -20,7 +21,6 @@ import triton.language as tl
 
 from ithaca.kernels._alloc import new_output
 from ithaca.kernels._backend import interpreting
-from ithaca.kernels.rope.reference import rope_inv_freq
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _rotate_heads(x, y, s_xb, s_xs, s_xh, o_t, m_t, S, H, HALF, b_cos, b_sin, BL
 
 @triton.jit
 def _rope(q, k, q_out, k_out, pos, inv_freq, s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_pb, s_ps, T, S, H, H_KV, HALF,
-          BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
+          SCALE, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
     i_t = tl.program_id(0)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # token b * S + s; int64: offsets can pass 2^31
     o_d = tl.arange(0, BLOCK_HALF)
@@ -47,7 +47,7 @@ def _rope(q, k, q_out, k_out, pos, inv_freq, s_qb, s_qs, s_qh, s_kb, s_ks, s_kh,
     b_pos = tl.load(pos + (o_t // S) * s_pb + (o_t % S) * s_ps, mask=m_t, other=0).to(tl.float32)
     b_freq = tl.load(inv_freq + o_d, mask=o_d < HALF, other=0.0)
     b_angle = b_pos[:, None] * b_freq[None, :]  # [BLOCK_T, BLOCK_HALF], as reference.py's fp32 product
-    b_cos, b_sin = tl.cos(b_angle), tl.sin(b_angle)
+    b_cos, b_sin = tl.cos(b_angle) * SCALE, tl.sin(b_angle) * SCALE
     if BACKWARD:
         b_sin = -b_sin  # R(angle)^T = R(-angle)
     _rotate_heads(q, q_out, s_qb, s_qs, s_qh, o_t, m_t, S, H, HALF, b_cos, b_sin, BLOCK_HALF)
@@ -62,33 +62,33 @@ def _launch(half: int) -> dict:
     return dict(BLOCK_T=max(1, min(32, 2048 // block_half)), BLOCK_HALF=block_half, num_warps=4)
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,
+def _rotate(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))  # rows are read with unit stride
     b, s, h, d = q.shape
     q_out, k_out = new_output(q.shape, q), new_output(k.shape, k)
     launch = _launch(d // 2)
     _rope[(triton.cdiv(b * s, launch["BLOCK_T"]),)](
-        q, k, q_out, k_out, positions, rope_inv_freq(d, theta, q.device), *q.stride()[:3], *k.stride()[:3],
-        *positions.stride(), b * s, s, h, k.shape[2], d // 2, BACKWARD=backward, **launch)
+        q, k, q_out, k_out, positions, inv_freq, *q.stride()[:3], *k.stride()[:3],
+        *positions.stride(), b * s, s, h, k.shape[2], d // 2, float(scale), BACKWARD=backward, **launch)
     return q_out, k_out
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
-        ctx.save_for_backward(positions)
-        ctx.theta = theta
-        return _rotate(q, k, positions, theta, backward=False)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float):
+        ctx.save_for_backward(positions, inv_freq)
+        ctx.scale = scale
+        return _rotate(q, k, positions, inv_freq, scale, backward=False)
 
     @staticmethod
     def backward(ctx, dq_rot: torch.Tensor, dk_rot: torch.Tensor):
-        (positions,) = ctx.saved_tensors
-        dq, dk = _rotate(dq_rot, dk_rot, positions, ctx.theta, backward=True)
-        return dq, dk, None, None  # positions and theta take no gradient
+        positions, inv_freq = ctx.saved_tensors
+        dq, dk = _rotate(dq_rot, dk_rot, positions, inv_freq, ctx.scale, backward=True)
+        return dq, dk, None, None, None  # positions, inv_freq and scale take no gradient
 
 
-def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.py's contract, differentiable in q and k; shapes checked by the dispatch."""
-    return _Rope.apply(q, k, positions, theta)
+    return _Rope.apply(q, k, positions, inv_freq, scale)

@@ -1,6 +1,7 @@
 """`ithaca submit` on a real one-node SLURM cluster (tests/slurm_cluster.py): a run finishes with
 its MLflow run and checkpoints; a preempted run (USR1) checkpoints, requeues itself and resumes
-on the uninterrupted loss curve; sbatch's own refusals reach the user and leave nothing behind.
+on the uninterrupted loss curve; a rank killed in a job with --max-restarts restarts it on the same
+curve; sbatch's own refusals reach the user and leave nothing behind.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
-def submit(cluster: SlurmCluster, shards: Path, out: Path, *extra: str):
+def submit(cluster: SlurmCluster, shards: Path, out: Path, *extra: str, env: dict | None = None):
     return run_cli("submit", "--config", "debug-cpu", "--nodes", "1", "--gpus-per-node", "0",
                    "--set", f"data.path={shards}", "--set", f"train.output_dir={out}", "--set", f"train.steps={STEPS}",
                    "--set", "data.seq_len=64", "--set", "train.global_batch=4", "--set", "checkpoint.every=1000",
-                   *extra, env=cluster.env)
+                   *extra, env={**cluster.env, **(env or {})})
 
 
 def submitted_job(done) -> tuple[str, Path]:
@@ -99,6 +100,20 @@ def test_a_preempted_job_requeues_and_resumes_on_the_uninterrupted_curve(cluster
     # same processes and data positions, state restored exactly: bit-identical curves
     assert losses == uninterrupted and stopped < STEPS
     assert not (out / "preempted.json").exists()
+
+
+def test_a_rank_killed_in_a_job_restarts_it_on_the_uninterrupted_curve(cluster, finished_job, debug_shards, tmp_path):
+    # sbatch hands the submitting environment to the job: rank 1 is killed in step 30 (tests only)
+    out = tmp_path / "run"
+    job_id, log = submitted_job(submit(cluster, debug_shards, out, "--max-restarts", "1", "--set",
+                                       "checkpoint.every=20", env={"ITHACA_TEST_FAULT": "kill:30:1"}))
+    state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    text = log.read_text()
+    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{text[-3000:]}"
+    assert "restart 1: resuming from the latest complete checkpoint" in text
+    assert re.search(r"resumed from \S+step_00000020 at step=20", text), text[-3000:]
+    run, losses = mlflow_run(out)
+    assert run.info.status == "FINISHED" and losses == mlflow_run(finished_job[0])[1]  # each step once
 
 
 def test_sbatch_refusing_an_unknown_partition_is_reported_and_nothing_is_left(cluster, debug_shards, tmp_path):

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from ithaca.kernels import rope
+from ithaca.kernels.rope import rope_inv_freq
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, S, H, H_KV, D = 2, 13, 3, 2, 40  # 26 tokens: 7 programs of 4 under the interpreter; d/2 = 20 pads to 32
 THETA = 10000.0
+FREQ = rope_inv_freq(D, THETA, torch.device(DEVICE))
 # fp32: the angles are the same fp32 numbers on both sides; cos/sin implementations differ by an
 # ulp or so. bf16: outputs and gradients are rounded to bf16, whose neighbours are up to
 # 2^-7 = 7.8e-3 apart (relative), and triton 3.9's interpreter truncates fp32 -> bf16 where torch
@@ -41,9 +43,10 @@ def _cut(layout: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :, :H], t[:, :, H:H + H_KV]
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.2])  # 1.2: YaRN's attention factor multiplies cos and sin
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", list(LEAF_SHAPES))
-def test_triton_matches_reference(dtype, layout):
+def test_triton_matches_reference(dtype, layout, scale):
     results = {}
     for impl in ("reference", "triton"):
         gen = torch.Generator().manual_seed(0)  # the same inputs and cotangents for both
@@ -51,7 +54,7 @@ def test_triton_matches_reference(dtype, layout):
         q, k = _cut(layout, leaf)
         if layout == "contiguous":
             q, k = q.contiguous(), k.contiguous()
-        q_rot, k_rot = rope(q, k, _positions(), THETA, impl=impl)
+        q_rot, k_rot = rope(q, k, _positions(), FREQ, scale=scale, impl=impl)
         assert q_rot.dtype == k_rot.dtype == dtype
         torch.autograd.backward([q_rot, k_rot], [torch.randn(t.shape, generator=gen).to(DEVICE, dtype)
                                                  for t in (q, k)])
@@ -67,8 +70,8 @@ def test_packed_document_equals_document_alone():
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, S, H, D, generator=gen).to(DEVICE)
     k = torch.randn(1, S, H_KV, D, generator=gen).to(DEVICE)
-    q_rot, k_rot = rope(q, k, _positions()[:1], THETA, impl="triton")
-    alone_q, alone_k = rope(q[:, 5:], k[:, 5:], torch.arange(8, device=DEVICE)[None], THETA, impl="triton")
+    q_rot, k_rot = rope(q, k, _positions()[:1], FREQ, impl="triton")
+    alone_q, alone_k = rope(q[:, 5:], k[:, 5:], torch.arange(8, device=DEVICE)[None], FREQ, impl="triton")
     torch.testing.assert_close(q_rot[:, 5:], alone_q, rtol=0, atol=0)  # same positions, same arithmetic
     torch.testing.assert_close(k_rot[:, 5:], alone_k, rtol=0, atol=0)
 
@@ -80,7 +83,7 @@ def test_reference_is_the_complex_rotation():
     q = torch.randn(B, S, H, D, generator=gen)
     k = torch.randn(B, S, H_KV, D, generator=gen)
     positions = _positions().cpu()
-    q_rot, k_rot = rope(q, k, positions, THETA, impl="reference")
+    q_rot, k_rot = rope(q, k, positions, FREQ.cpu(), impl="reference")
     freqs = torch.tensor([THETA ** (-2 * i / D) for i in range(D // 2)], dtype=torch.float64)
     turn = torch.polar(torch.ones(B, S, 1, D // 2, dtype=torch.float64),
                        positions.double()[:, :, None, None] * freqs)  # e^{i angle}: [b, s, 1, d/2]
@@ -95,8 +98,8 @@ def test_reference_is_the_complex_rotation():
 
 def test_auto_on_cpu_is_the_reference():
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
-    positions = torch.arange(4)[None]
-    for got, want in zip(rope(q, k, positions, THETA), rope(q, k, positions, THETA, impl="reference")):
+    positions, freq = torch.arange(4)[None], rope_inv_freq(8, THETA)
+    for got, want in zip(rope(q, k, positions, freq), rope(q, k, positions, freq, impl="reference")):
         assert torch.equal(got, want)
 
 
@@ -104,23 +107,27 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="impl='triton' needs a CUDA tensor"):
-        rope(q, q, torch.arange(4)[None], THETA, impl="triton")
+        rope(q, q, torch.arange(4)[None], rope_inv_freq(8, THETA), impl="triton")
 
 
 def test_bad_arguments():
     q, k = torch.randn(2, 4, 2, 8), torch.randn(2, 4, 1, 8)
-    positions = torch.arange(4).expand(2, 4)
+    positions, freq = torch.arange(4).expand(2, 4), rope_inv_freq(8, THETA)
     with pytest.raises(ValueError, match="impl='fast'"):
-        rope(q, k, positions, THETA, impl="fast")
+        rope(q, k, positions, freq, impl="fast")
     with pytest.raises(ValueError, match="q and k must be"):
-        rope(q[0], k, positions, THETA)
+        rope(q[0], k, positions, freq)
     with pytest.raises(ValueError, match="k .* must share"):
-        rope(q, k[:, :3], positions, THETA)
+        rope(q, k[:, :3], positions, freq)
     with pytest.raises(ValueError, match="k .* must share"):
-        rope(q, k[:1], positions, THETA)
+        rope(q, k[:1], positions, freq)
     with pytest.raises(ValueError, match="head_dim=7 must be even"):
-        rope(q[..., :7], k[..., :7], positions, THETA)
+        rope(q[..., :7], k[..., :7], positions, freq[:3])
     with pytest.raises(ValueError, match="positions must be"):
-        rope(q, k, positions[:, :3], THETA)
+        rope(q, k, positions[:, :3], freq)
     with pytest.raises(ValueError, match="positions must be"):
-        rope(q, k, positions.float(), THETA)
+        rope(q, k, positions.float(), freq)
+    with pytest.raises(ValueError, match="inv_freq must be fp32"):
+        rope(q, k, positions, freq[:3])
+    with pytest.raises(ValueError, match="inv_freq must be fp32"):
+        rope(q, k, positions, freq.bfloat16())

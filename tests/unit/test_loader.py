@@ -97,16 +97,21 @@ def collect(loader: PackedLoader, steps: int) -> list[list[np.ndarray]]:
     return [[m.numpy() for m in loader.next_step()] for _ in range(steps)]
 
 
+def saved(loaders: list[PackedLoader]) -> list[dict]:
+    """Every dp rank's position as a checkpoint keeps it: plain data (a JSON round trip makes keys str)."""
+    return json.loads(json.dumps([loader.state_dict() for loader in loaders]))
+
+
 @pytest.mark.parametrize("workers, grad_accum", [(0, 2), (2, 3)])  # 3 micro-batches over 2 workers: the
 def test_resume_at_several_points_gives_the_uninterrupted_stream(corpus, workers, grad_accum):  # rotation moves
     path, _ = corpus
     straight = collect(make_loader(path, dp=2, dp_rank=1, workers=workers, grad_accum=grad_accum), 40)
     for stop in (1, 5, 17, 30):  # 30 steps are past the first epoch of every stream
-        first = make_loader(path, dp=2, dp_rank=1, workers=workers, grad_accum=grad_accum)
-        collect(first, stop)
-        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps: plain data
-        state["stream_states"] = {int(k): v for k, v in state["stream_states"].items()}
-        resumed = make_loader(path, dp=2, dp_rank=1, workers=workers, grad_accum=grad_accum, state=state)
+        first = [make_loader(path, dp=2, dp_rank=r, workers=workers, grad_accum=grad_accum) for r in range(2)]
+        for loader in first:
+            collect(loader, stop)
+            loader.close()
+        resumed = make_loader(path, dp=2, dp_rank=1, workers=workers, grad_accum=grad_accum, state=saved(first))
         for expected, got in zip(straight[stop:], collect(resumed, 40 - stop)):
             assert all(np.array_equal(a, b) for a, b in zip(expected, got)), f"resumed after {stop} steps"
 
@@ -135,7 +140,7 @@ def test_a_weighted_mixture_draws_each_dataset_by_its_weight(tmp_path):
     assert all(set(map(chr, r[r != EOS])) <= (set("abc") if from_letters(r) else set("123")) for r in rows)
     share = sum(map(from_letters, rows)) / len(rows)
     assert 0.70 < share < 0.80  # 3:1 -> 0.75; 800 draws: sd 0.015
-    resumed = make_loader(sources, micro_batch=1, grad_accum=1, state=loader.state_dict())
+    resumed = make_loader(sources, micro_batch=1, grad_accum=1, state=saved([loader]))
     straight = make_loader(sources, micro_batch=1, grad_accum=1)
     for _ in range(800):
         straight.next_step()
@@ -183,14 +188,18 @@ def test_on_error_skip_passes_over_the_shard_and_counts_it(corpus, tmp_path, dam
     assert loader.skipped_shards == 2
 
 
-def test_more_streams_than_shards_and_a_resume_with_another_stream_count_are_refused(corpus):
+def test_more_streams_than_shards_and_a_state_that_is_not_every_ranks_are_refused(corpus, tmp_path):
     path, _ = corpus
     n = len(read_manifest(path).shards)
     with pytest.raises(ValueError, match=f"has {n} shards, fewer than the {2 * n} data streams"):
         make_loader(path, dp=n, workers=2)
-    state = make_loader(path, dp=2, workers=1).state_dict()
-    with pytest.raises(ValueError, match="checkpoint's data position is for 2 data streams"):
-        make_loader(path, dp=2, workers=2, state=state)
+    one_rank = make_loader(path, dp=3, workers=1)
+    one_rank.next_step()
+    with pytest.raises(ValueError, match="state: want every dp rank's loader state_dict"):  # 3 streams, 2 ranks
+        make_loader(path, state=[one_rank.state_dict()] * 2)
+    other = write_documents(tmp_path / "other", numbered_texts(40, "other"), shard_tokens=200)
+    with pytest.raises(ValueError, match=r"state: the data position is for 1 data folder\(s\), this run reads 2"):
+        make_loader([Source(path), Source(other)], state=[one_rank.state_dict()])
 
 
 def test_close_stops_the_workers_and_an_open_loader_does_not_hold_up_exit(corpus):

@@ -18,7 +18,7 @@ CASES = {  # golden file: submit options
     "cpu-1-node": ["--nodes", "1", "--gpus-per-node", "0"],
     "cpu-2-nodes": ["--nodes", "2", "--gpus-per-node", "0", "--partition", "debug", "--time", "00:30:00"],
     "gpu-2-nodes-all-options": ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
-                                "--time", "2-00:00:00", "--qos", "high", "--signal-grace", "300",
+                                "--time", "2-00:00:00", "--qos", "high", "--signal-grace", "300", "--max-restarts", "2",
                                 "--set", "parallel.dp=4", "--set", "parallel.sp=2"],
 }
 
@@ -50,6 +50,7 @@ def test_dry_run_prints_the_golden_script(capsys, debug_shards, monkeypatch, cas
     (["--nodes", "3", "--gpus-per-node", "0"], "--nodes=3: must divide dp*tp*pp*sp=2"),
     (["--nodes", "1", "--gpus-per-node", "4"], "--nodes=1: x --gpus-per-node=4 gives 4 GPUs but dp*tp*pp*sp=2"),
     (["--nodes", "1", "--gpus-per-node", "-1"], "--gpus-per-node=-1: use 0 (CPU processes) or more"),
+    (["--nodes", "1", "--gpus-per-node", "0", "--max-restarts", "-1"], "--max-restarts=-1: use 0 (no restarts) or more"),
 ])
 def test_bad_options_exit_2_and_submit_nothing(capsys, debug_shards, options, message):
     code, out, err = dry_run(capsys, debug_shards, options)

@@ -1,0 +1,91 @@
+"""The tracking journal: every MLflow call of a run, one JSON line each, on disk before MLflow sees it.
+
+`<train.output_dir>/tracking/<key>.jsonl`, where `<key>` is the run's tracking key
+(launcher/tracking.py). Only rank 0's training thread writes it (appending, flushed to the OS per
+record); pushers read it (launcher/tracking_push.py). Records, in the order of the calls:
+
+    {"kind": "start", "time_ms", "uri", "experiment", "run_name", "artifact_location", "resumed"}
+    {"kind": "params", "values": {name: str}}
+    {"kind": "text", "path": "config.yaml", "text": str}
+    {"kind": "metrics", "step": int, "time_ms": int, "values": {name: float}}
+    {"kind": "end", "time_ms", "status": "FINISHED" | "FAILED" | "KILLED"}
+
+A process killed mid-write leaves a torn last line; the next writer cuts it off, and readers only
+ever take lines that end in a newline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+JOURNAL_DIR = "tracking"
+
+
+def journal_path(output_dir: str | Path, key: str) -> Path:
+    return Path(output_dir) / JOURNAL_DIR / f"{key}.jsonl"
+
+
+def find_journals(output_dir: str | Path) -> list[Path]:
+    """Every run's journal in a run's output folder (one per MLflow run started there)."""
+    return sorted((Path(output_dir) / JOURNAL_DIR).glob("*.jsonl"))
+
+
+def newest_run_key(output_dir: str | Path) -> str | None:
+    """The run key of the journal written last in a run's output folder, if any."""
+    journals = find_journals(output_dir)
+    return max(journals, key=lambda p: p.stat().st_mtime).stem if journals else None
+
+
+class Journal:
+    """The writer of one journal; opening an existing one (a resume) continues it."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.last_step = _cut_torn_line_and_find_last_step(path)
+        """The highest step journaled before this writer opened it (0: none)."""
+        self._file = path.open("a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")  # NaN/inf are written as NaN/Infinity, which json reads back
+        self._file.flush()  # to the OS, not to the disk: the pusher fsyncs off the training thread
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _cut_torn_line_and_find_last_step(path: Path) -> int:
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(complete))
+    steps = (json.loads(line).get("step", 0) for line in complete.splitlines())
+    return max(steps, default=0)
+
+
+def durable_records(path: Path, offset: int) -> Iterator[tuple[dict, int]]:
+    """The complete records from byte `offset` on, each with the byte offset just after it.
+
+    The file is fsynced first, so what a pusher sends to MLflow is on disk: a machine crash cannot
+    keep a step in MLflow that the journal lost, which the resumed run would then log again."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+        f.seek(offset)
+        for line in f:
+            if not line.endswith(b"\n"):
+                return  # being written now; the next read takes it
+            offset += len(line)
+            yield json.loads(line), offset
+
+
+def count_records(path: Path, offset: int) -> int:
+    """Complete records from byte `offset` on."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().count(b"\n")

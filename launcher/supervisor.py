@@ -1,0 +1,100 @@
+"""`ithaca train` owns the processes it starts: none of them outlives the command.
+
+torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches `ithaca train` alone,
+which decides what every process does:
+- the first SIGINT or SIGTERM is handed to every rank; the ranks agree on the step, checkpoint at
+  its end and stop (launcher/preemption.py), and torchrun then exits by itself;
+- a second one kills every process of the run at once (SIGKILL): no checkpoint of the step.
+`ithaca train` is a child subreaper (launcher/process_lifetime.py), so ranks whose torchrun died and
+loader workers whose rank died become its children: once torchrun has exited, what is left gets
+`grace` seconds to finish (ranks orphaned by a killed torchrun are checkpointing: their
+parent-death signal asked them to stop) and is then killed. torchrun itself dies with us.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from ithaca.launcher.process_lifetime import become_subreaper
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Owner:
+    """The signal handler's state: how many stop signals came, and the first one."""
+
+    def __init__(self, torchrun: subprocess.Popen):
+        self.torchrun = torchrun
+        self.first: signal.Signals | None = None
+        self.killed = False
+
+    def handle(self, signum: int, frame) -> None:
+        if self.first is None:
+            self.first = signal.Signals(signum)
+            self._hand_to_ranks(self.first)
+            print(f"ithaca: {self.first.name}: every rank checkpoints at the end of its step and stops; "
+                  f"send it again (Ctrl-C) to stop at once without a checkpoint", file=sys.stderr, flush=True)
+        elif not self.killed:
+            self.killed = True
+            kill_descendants()
+            print("ithaca: stopped at once; the step under way was not saved", file=sys.stderr, flush=True)
+
+    def _hand_to_ranks(self, signum: signal.Signals) -> None:
+        """To torchrun's children (the ranks); before it has started any, to torchrun (which stops)."""
+        try:
+            ranks = psutil.Process(self.torchrun.pid).children()
+        except psutil.NoSuchProcess:  # torchrun is gone: orphaned ranks are our children now
+            ranks = psutil.Process().children()
+        for process in ranks or [psutil.Process(self.torchrun.pid)]:
+            try:
+                process.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def kill_descendants() -> None:
+    """SIGKILL to every process below this one, then reap them."""
+    left = psutil.Process().children(recursive=True)
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=10)
+
+
+def run_owned(cmd: list[str], env: dict[str, str], *, grace: float) -> int:
+    """Run `cmd` (torchrun) and every process it starts to the end; returns its exit code, or
+    128 + the signal number when a stop signal ended the run."""
+    become_subreaper()
+    torchrun = subprocess.Popen(cmd, env=env, start_new_session=True)
+    owner = _Owner(torchrun)
+    previous = {s: signal.signal(s, owner.handle) for s in STOP_SIGNALS}
+    try:
+        code = torchrun.wait()
+        _finish_leftovers(grace)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if owner.first is not None:
+        return 128 + int(owner.first)
+    if code < 0:  # killed from outside: its ranks got their parent-death signal (and were waited for above)
+        print(f"ithaca: torchrun was killed by {signal.Signals(-code).name}; its ranks were asked to checkpoint "
+              "and stop", file=sys.stderr)
+        return 128 - code
+    return code
+
+
+def _finish_leftovers(grace: float) -> None:
+    """Wait up to `grace` s for the descendants torchrun left behind, then kill the rest."""
+    left = psutil.Process().children(recursive=True)
+    if left:
+        _, alive = psutil.wait_procs(left, timeout=grace)
+        if alive:
+            print(f"ithaca: {len(alive)} process(es) of the run still running {grace:.0f} s after torchrun "
+                  f"exited (pids {', '.join(str(p.pid) for p in alive)}); killing them", file=sys.stderr)
+            kill_descendants()
