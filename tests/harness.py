@@ -29,14 +29,15 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str,
-               environ: dict[str, str]) -> None:
+               environ: dict[str, str], init_group: bool) -> None:
     os.environ.clear()
     os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)  # several ranks share two cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if init_group:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         result = {"value": fn(*args)}
     except BaseException:
         result = {"error": traceback.format_exc()}
@@ -50,12 +51,13 @@ SERVER_IMPORTS = ["torch", "deepspeed", "megatron.core.tensor_parallel", "mlflow
 """Not the launcher: tests/dist/test_library_use.py checks a model runs without importing it."""
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]:
-    """fn(*args) on `world` ranks with a gloo default group; returns the results in rank order."""
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300, init_group: bool = True) -> list[Any]:
+    """fn(*args) on `world` ranks with a gloo default group (`init_group=False`: fn starts it, from
+    the torchrun-like environment each rank has); returns the results in rank order."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when the fork server imports DeepSpeed
     mp.set_forkserver_preload(SERVER_IMPORTS)
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = mp.start_processes(_rank_main, args=(world, free_port(), fn, args, out_dir, dict(os.environ)),
+        procs = mp.start_processes(_rank_main, args=(world, free_port(), fn, args, out_dir, dict(os.environ), init_group),
                                    nprocs=world, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout
         results: dict[int, dict] = {}
