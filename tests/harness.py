@@ -9,6 +9,7 @@ imported read theirs when it started (conftest sets those variables first). An e
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -85,3 +86,14 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300, init_g
     if len(results) != world:
         raise AssertionError(f"only ranks {sorted(results)} of {world} finished (crash, or timeout after {timeout}s)")
     return [results[r]["value"] for r in range(world)]
+
+
+class LogLines(logging.Handler):
+    """The messages a logger emits in a rank (pytest's caplog does not reach forked ranks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import run_ranks
+from harness import LogLines, run_ranks
 
 
 def _train(data: str, out: str, steps: int, every: int, resume: str | None, *extra: str) -> list[float]:
@@ -42,15 +42,6 @@ def _refusal(data: str, out: str, resume: str) -> str:
     raise AssertionError(f"--resume={resume} loaded a damaged checkpoint")
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _scenario(data: str, out: str) -> dict:
     import torch.distributed as dist
 
@@ -67,7 +58,7 @@ def _scenario(data: str, out: str) -> dict:
             (ckpt / name).mkdir()
             (ckpt / name / "mp_rank_00_model_states.pt").write_bytes(b"half")
     dist.barrier()
-    lines = _Lines()
+    lines = LogLines()
     logging.getLogger("ithaca.launcher.checkpoint").addHandler(lines)  # ours sees every rank's records
     seen["fallback"] = _train(data, out, 4, 2, "latest")
     seen["fallback_lines"] = [m for m in lines.messages if "falling back" in m]

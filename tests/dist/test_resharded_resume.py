@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import LogLines, run_ranks
 
 HYBRID_GATED = ("config=debug-hybrid-cpu", "model.linear_decay=gated")
 TIED = ("model.n_layers=4", "model.tie_embeddings=true")
@@ -56,18 +56,9 @@ def _train(data: str, out: str, resume: str | None, *layout: str) -> list[float]
     return [r.loss for r in run_training(cfg, resume=resume)]
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _switch(data: str, out: str, before: tuple[str, ...], after: tuple[str, ...], refuse: bool) -> dict:
     seen = {"full": _train(data, out, None, *before)}
-    lines = _Lines()
+    lines = LogLines()
     logging.getLogger("ithaca.launcher.checkpoint").addHandler(lines)
     step3 = f"{out}/checkpoints/step_00000003"
     seen["resumed"] = _train(data, out, step3, *after)
@@ -100,7 +91,7 @@ def test_resume_under_another_layout_continues_the_curve(switch, short_doc_shard
 def _resume_logged(data: str, out: str, *layout: str) -> tuple[list[float], list[str]]:
     from ithaca.launcher import checkpoint  # its logger is set up on import: before a handler is added to it
 
-    lines = _Lines()
+    lines = LogLines()
     checkpoint.log.addHandler(lines)
     losses = _train(data, out, f"{out}/checkpoints/step_00000003", *layout)
     return losses, [m for m in lines.messages if m.startswith("resharding")]
