@@ -1,12 +1,14 @@
 """Fused kernels: one folder per op holding a plain-PyTorch reference (the spec), a Triton kernel
-(forward and backward) and one dispatch, `<op>(..., impl="auto")`, that picks between them."""
+(forward and backward) and one dispatch, `<op>(..., impl="auto")`, that picks between them.
+`delta_rule` has no Triton kernel yet (issue #15): its dispatch picks the chunked PyTorch form."""
 
 from ithaca.kernels.attention import attention, attention_lse_bwd, attention_lse_fwd
+from ithaca.kernels.delta_rule import delta_rule
 from ithaca.kernels.linear_attention import linear_attention
 from ithaca.kernels.linear_cross_entropy import linear_cross_entropy
 from ithaca.kernels.rms_norm import rms_norm
 from ithaca.kernels.rope import rope
 from ithaca.kernels.swiglu import swiglu
 
-__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "linear_attention", "linear_cross_entropy", "rms_norm",
-           "rope", "swiglu"]
+__all__ = ["attention", "attention_lse_bwd", "attention_lse_fwd", "delta_rule", "linear_attention",
+           "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
