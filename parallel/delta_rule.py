@@ -1,0 +1,98 @@
+"""Sequence parallelism for delta-rule layers (DeltaNet, Gated DeltaNet) by one all-gather of
+transition pairs (issue #15).
+
+Each rank holds whole pieces of the sequence (`piece_order`: one piece contiguous, two under ring
+attention's zigzag layout). The delta rule is affine in the state it receives: a piece p takes
+S_in to S_out = A_p S_in + B_p, with A_p [d_k, d_k] and B_p [d_k, d_v] computed from the piece
+alone by `delta_rule_transition` (kernels/delta_rule/chunked.py derives them; A_p is exactly zero
+once a document starts in the piece). One all-gather of every piece's (A_p, B_p) lets each rank
+form the state entering each of its pieces by composing the pieces before it in sequence order,
+
+    S_0 = 0,   S_{p+1} = A_p S_p + B_p,
+
+and run `delta_rule` on the piece from S_p. Unlike LASP-2's memories, a delta-rule piece's output
+is not its zero-start output plus a cheap correction, so the local output waits for the gather;
+and each piece's chunk factors are computed twice, once for (A, B) and once for the output (one
+pass giving both is the local kernel's job, issue #15).
+Backward is autograd through the same operations: the gradient of S_p reaches the earlier pieces'
+(A, B) and, through the all-gather's backward (one reduce-scatter), the ranks that computed them.
+Per layer and direction that is P * pieces * b * h * d_k * (d_k + d_v) fp32 elements, whatever
+the sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from ithaca.kernels.delta_rule import DeltaRuleImpl, delta_rule, delta_rule_transition
+from ithaca.kernels.linear_attention import check_linear_attention_inputs
+from ithaca.parallel.gather import gather_states
+from ithaca.parallel.sequence_layout import piece_order
+
+
+def _entering_state(a: torch.Tensor, b: torch.Tensor, piece: int) -> torch.Tensor:
+    """a [n, b, h, d_k, d_k], b [n, b, h, d_k, d_v] in sequence order -> the state entering `piece`.
+
+    Starts from 0 * b[0], not a fresh zero tensor: the first piece's state is then still in the
+    all-gather's graph, whose backward is a collective every rank must join.
+    """
+    state = 0 * b[0]
+    for p in range(piece):
+        state = a[p] @ state + b[p]  # S_{p+1} = A_p S_p + B_p
+    return state
+
+
+def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                         group: dist.ProcessGroup, *, log_decay: torch.Tensor | None = None,
+                         scale: float | None = None, resets: torch.Tensor | None = None, ring: int = 1,
+                         impl: DeltaRuleImpl = "auto", exchange: Literal["allgather"] = "allgather") -> torch.Tensor:
+    """The gated delta rule (ithaca.kernels.delta_rule.delta_rule) over a sequence split across `group`.
+
+    q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t
+    holds positions [t*s, (t+1)*s)); with `ring` > 1, the layout of `sequence_part(..., ring=ring)`
+    (ring=P: ring attention's zigzag). beta [b, s, h]; `log_decay` (<= 0) is None, [h] or
+    [b, s, h] (this rank's part); `scale` defaults to d_k^-0.5; `resets` [b, s] bool marks tokens
+    that start a document. Keys L2-normalised and beta in (0, 1) keep the recurrence stable (not
+    checked). `impl` picks the local computation. Returns o [b, s, h, d_v] in q's dtype; gradients
+    reach q, k, v, beta and log_decay. Communication: one all-gather of
+    P * pieces * b * h * d_k * (d_k + d_v) fp32 elements forward (pieces = 1 per rank contiguous,
+    2 under a zigzag layout), one reduce-scatter of as many backward.
+    Raises ValueError on shapes that do not fit, a ring not dividing P, or an exchange other than
+    "allgather".
+    """
+    check_linear_attention_inputs("delta_rule_attention", q, k, v, log_decay, resets)
+    if tuple(beta.shape) != tuple(q.shape[:3]) or not beta.dtype.is_floating_point:
+        raise ValueError(f"delta_rule_attention: beta must be [b, s, h]={tuple(q.shape[:3])} floating; "
+                         f"got {tuple(beta.shape)} {beta.dtype}")
+    if exchange != "allgather":
+        raise ValueError(f"delta_rule_attention: exchange={exchange!r}; only 'allgather' is implemented "
+                         f"(the point-to-point scan is issue #15's)")
+    s, d_k = q.shape[1], q.shape[3]
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world % ring or (ring > 1 and s % 2):
+        raise ValueError(f"delta_rule_attention: ring={ring} must divide the group size {world}, and a zigzag "
+                         f"part must split in two (local length {s})")
+    mine, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
+    size = s // len(mine)
+    parts = [slice(i * size, (i + 1) * size) for i in range(len(mine))]
+
+    def piece(t: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+        """This piece of a per-token tensor; None and a per-head [h] decay pass whole."""
+        return t if t is None or t.dim() == 1 else t[:, part]
+
+    pairs = [delta_rule_transition(k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
+                                   resets=piece(resets, part), impl=impl) for part in parts]
+    packs = torch.stack([torch.cat(pair, dim=-1) for pair in pairs])  # [pieces, b, h, d_k, d_k + d_v]
+    gathered = gather_states(packs, group)  # [P, pieces per rank, b, h, d_k, d_k + d_v]
+    order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
+    position = {p: (r, i) for r, pieces in enumerate(order) for i, p in enumerate(pieces)}
+    in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, h, d_k, d_k + d_v]
+    a, b = in_order.split([d_k, v.shape[-1]], dim=-1)
+    outs = [delta_rule(q[:, part], k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
+                       scale=scale, resets=piece(resets, part), initial_state=_entering_state(a, b, p),
+                       impl=impl)[0]
+            for p, part in zip(mine, parts)]
+    return torch.cat(outs, dim=1)

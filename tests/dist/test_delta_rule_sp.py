@@ -1,0 +1,152 @@
+"""delta_rule_attention over gloo equals the single-process delta-rule recurrence, forward and backward.
+
+Twin pattern: every rank draws the full inputs from one seed (as Gated DeltaNet feeds them: L2-normed
+keys, sigmoid beta, logsigmoid gates, packed documents), runs the token recurrence on the whole
+sequence, then delta_rule_attention on its part, and compares its part of the output and of every
+gradient (q, k, v, beta, gates) under a random cotangent. The inputs have long memory (beta ~0.1,
+gates ~0.98), and each twin checks that the state carried between pieces changes the output by far
+more than the tolerance, so a dropped or wrong incoming state fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from harness import run_ranks
+
+H, DK, DV = 2, 8, 6
+# fp32, as tests/kernels/test_delta_rule.py: the chunked form and the cross-rank composition
+# reorder sums of O(1) terms; 1e-4 covers that and still fails on a missing or wrong incoming state.
+TOL = dict(rtol=1e-4, atol=1e-4)
+CARRIED = 1e-2
+"""Smallest change the incoming state must make to every non-first piece's output: 100x the tolerance."""
+
+
+def _inputs(decay: str, b: int, n: int, n_pieces: int, gen: torch.Generator) -> dict[str, torch.Tensor | None]:
+    """Full-sequence inputs with long memory; resets at token 0, at a piece boundary and at random."""
+    inputs = {"q": torch.randn(b, n, H, DK, generator=gen),
+              "k": F.normalize(torch.randn(b, n, H, DK, generator=gen), dim=-1),
+              "v": torch.randn(b, n, H, DV, generator=gen),
+              "beta": torch.sigmoid(torch.randn(b, n, H, generator=gen) - 2),
+              "log_decay": None}
+    if decay == "gated":
+        inputs["log_decay"] = F.logsigmoid(torch.randn(b, n, H, generator=gen) + 4)
+    if decay == "fixed":
+        inputs["log_decay"] = torch.log(1 - 2.0 ** (-4 - torch.arange(H, dtype=torch.float32)))
+    resets = torch.rand(b, n, generator=gen) < 0.04
+    resets[0, 0] = True  # the very first token
+    resets[:, n // n_pieces] = torch.tensor([False, True])  # the second piece: row 0 receives a state, row 1 a reset
+    inputs["resets"] = resets
+    return inputs
+
+
+def _twin(decay: str, s: int, seed: int, ring: int) -> None:
+    from ithaca.kernels.delta_rule import delta_rule
+    from ithaca.parallel import delta_rule_attention, sequence_part
+    from ithaca.parallel.sequence_layout import piece_order
+
+    rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    mine_pieces, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
+    gen = torch.Generator().manual_seed(seed)
+    b, n = 2, s * world
+    inputs = _inputs(decay, b, n, n_pieces, gen)
+    cotangent = torch.randn(b, n, H, DV, generator=gen)
+    is_per_token = decay == "gated"  # a fixed [h] decay is a constant here, as in test_lasp2.py
+    names = ["q", "k", "v", "beta"] + (["log_decay"] if is_per_token else [])
+    full_leaves = {name: inputs[name].clone().requires_grad_() for name in names}
+    fixed_decay = inputs["log_decay"] if decay == "fixed" else None
+    full, _ = delta_rule(*(full_leaves[name] for name in ("q", "k", "v", "beta")),
+                         log_decay=full_leaves.get("log_decay", fixed_decay), resets=inputs["resets"],
+                         impl="reference")
+    full.backward(cotangent)
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
+
+    leaves = {name: mine(inputs[name]).clone().requires_grad_() for name in names}
+    out = delta_rule_attention(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], group,
+                               log_decay=leaves.get("log_decay", fixed_decay), resets=mine(inputs["resets"]),
+                               ring=ring)
+    out.backward(mine(cotangent))
+    where = f"decay={decay} s={s} ring={ring} rank={rank}/{world}"
+    torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
+    for name in names:
+        torch.testing.assert_close(leaves[name].grad, mine(full_leaves[name].grad), **TOL,
+                                   msg=lambda m: f"d{name} {where}: {m}")
+
+    size = s // len(mine_pieces)
+    for i, p in enumerate(mine_pieces):
+        if p == 0:
+            continue  # the sequence's first piece receives nothing
+        part = slice(i * size, (i + 1) * size)
+        with torch.no_grad():
+            gates = leaves["log_decay"][:, part] if is_per_token else fixed_decay
+            alone, _ = delta_rule(*(leaves[name][:, part] for name in ("q", "k", "v", "beta")), log_decay=gates,
+                                  resets=mine(inputs["resets"])[:, part])  # the piece from a zero state
+        carried = (alone - out[:, part]).abs().max().item()
+        assert carried > CARRIED, f"piece {p} {where}: the incoming state moves the output by only {carried:.2e}"
+
+
+CASES = [(decay, s) for decay in ("none", "fixed", "gated") for s in (12, 140)]
+"""Local lengths: 12 (one chunk, zigzag pieces of 6) and 140 (chunks of 64, 64, 12; zigzag 64 + 6)."""
+
+
+def _all_cases(ring: int) -> int:
+    for i, (decay, s) in enumerate(CASES):
+        _twin(decay, s, seed=i, ring=ring)
+    return len(CASES)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_delta_rule_attention_matches_the_recurrence(world, layout):
+    assert run_ranks(_all_cases, world, 1 if layout == "contiguous" else world) == [len(CASES)] * world
+
+
+def test_delta_rule_attention_in_the_usp_layout():
+    assert run_ranks(_all_cases, 4, 2) == [len(CASES)] * 4  # 2 Ulysses ranks x a ring of 2
+
+
+def _elements_moved(s: int) -> tuple[int, int]:
+    from bench.comm_counter import count_bytes_sent
+    from ithaca.parallel import delta_rule_attention
+
+    q = torch.randn(1, s, H, DK, requires_grad=True)
+    v = torch.randn(1, s, H, DV, requires_grad=True)
+    beta = torch.rand(1, s, H, requires_grad=True)
+    with count_bytes_sent() as counter:
+        delta_rule_attention(q, F.normalize(q, dim=-1), v, beta, dist.group.WORLD).sum().backward()
+    return counter.elements_gathered, counter.elements_reduce_scattered
+
+
+def test_traffic_is_one_pair_per_rank_and_independent_of_length():
+    world = 2
+    expected = world * 1 * H * DK * (DK + DV)  # P * b * h * (A's d_k^2 + B's d_k d_v)
+    for moved in run_ranks(_elements_moved, world, 16) + run_ranks(_elements_moved, world, 32):
+        assert moved == (expected, expected)
+
+
+def _bad_inputs() -> bool:
+    from ithaca.parallel import delta_rule_attention
+
+    q = torch.randn(1, 4, 2, 8)
+    beta = torch.rand(1, 4, 2)
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match=r"beta must be \[b, s, h\]"):
+        delta_rule_attention(q, q, q, torch.rand(1, 4, 3), group)
+    with pytest.raises(ValueError, match="exchange='scan'"):
+        delta_rule_attention(q, q, q, beta, group, exchange="scan")
+    with pytest.raises(ValueError, match="ring=3"):
+        delta_rule_attention(q, q, q, beta, group, ring=3)
+    with pytest.raises(ValueError, match="ring=2"):  # a zigzag part of odd length
+        delta_rule_attention(q[:, :3], q[:, :3], q[:, :3], beta[:, :3], group, ring=2)
+    with pytest.raises(ValueError, match="want q = k"):
+        delta_rule_attention(q, torch.randn(1, 4, 3, 8), q, beta, group)
+    return True
+
+
+def test_bad_inputs_get_clear_errors():
+    assert run_ranks(_bad_inputs, 2) == [True, True]
