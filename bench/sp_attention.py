@@ -1,10 +1,10 @@
-"""Ring vs Ulysses vs USP vs LASP-2: one sequence-mixing layer's forward+backward per rank, time and bytes sent.
+"""Ring vs Ulysses vs USP vs LASP-2 (all-gather, scan): one mixing layer's forward+backward per rank, time and bytes.
 
 What it measures: for each (N, P), every method runs the same [1, N, h, d] causal layer split
 over P ranks (Ulysses contiguous, ring zigzag, USP both; LASP-2 is linear attention with a fixed
-decay on the same q, k, v, contiguous), after a warm-up, the methods interleaved over repeats;
-it prints the median time, the ratio to Ulysses, and the bytes this rank sent (counted at
-torch.distributed) beside the formula for them:
+decay on the same q, k, v, contiguous, its states all-gathered or scanned), after a warm-up, the
+methods interleaved over repeats; it prints the median time, the ratio to Ulysses, and the most
+bytes any rank sent (counted at torch.distributed) beside the formula for them:
 
     Ulysses  2 passes x (2h + 2h_kv') * b*(N/P)*d * (P-1)/P elements      (h_kv' = max(h_kv, P))
     ring     forward (P-1) * 2*b*(N/P)*h_kv*d; backward the same again plus P * 2*b*(N/P)*h_kv*d
@@ -13,6 +13,8 @@ torch.distributed) beside the formula for them:
              [b, N/R, h/U, d]
     LASP-2   all-gather of fp32 states and carries (P-1) * b*h*(d*d + 1), and a reduce-scatter
              of their gradients, the same again: independent of N
+    scan     fp32 states to the next rank forward, their gradients to the previous one backward:
+             b*h*d*d each way, so one state (P = 2) or two (inner ranks, P > 2): independent of N and P
 
 Run:  python -m bench.sp_attention --device cpu            (gloo processes on this machine)
       python -m bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
@@ -38,6 +40,8 @@ def _bytes_formula(method: str, n: int, world: int, ring: int, elem: int) -> int
     s = n // world
     if method == "lasp2":
         return 2 * (world - 1) * HEADS * (HEAD_DIM * HEAD_DIM + 1) * 4
+    if method == "lasp2-scan":
+        return min(world - 1, 2) * HEADS * HEAD_DIM * HEAD_DIM * 4
     if method == "ulysses":
         kv = max(KV_HEADS, world)
         return 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (world - 1) // world * elem
@@ -56,6 +60,7 @@ def _methods(world: int) -> dict[str, int]:
     if world >= 4:
         methods["usp"] = 2
     methods["lasp2"] = 1
+    methods["lasp2-scan"] = 1
     return methods
 
 
@@ -88,8 +93,10 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
                 dist.barrier()
                 start = time.perf_counter()
                 with count_bytes_sent() as counter:
-                    if method == "lasp2":
-                        out = lasp2_attention(q, k, v, mesh.group("sp"), log_decay=retention_log_decay(HEADS).to(device))
+                    if method.startswith("lasp2"):
+                        exchange = "scan" if method == "lasp2-scan" else "allgather"
+                        out = lasp2_attention(q, k, v, mesh.group("sp"), exchange=exchange,
+                                              log_decay=retention_log_decay(HEADS).to(device))
                     elif ring == 1:
                         out = ulysses_attention(q, k, v, mesh.group("sp"))
                     else:
@@ -100,6 +107,10 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
                 if repeat:
                     times[method].append(time.perf_counter() - start)
                     sent[method] = counter.bytes_sent
+        for method in sent:  # the scan's ranks differ (the ends have one neighbour): report the busiest
+            busiest = torch.tensor([sent[method]], device=device)
+            dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=meshes[1].group("sp"))
+            sent[method] = int(busiest.item())
         base = statistics.median(times["ulysses"])
         for method, ring in _methods(world).items():
             t = statistics.median(times[method])
@@ -124,7 +135,8 @@ def main() -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     print(bench_header("sp_attention", args.device, f"backend={backend} deepspeed={deepspeed.__version__} "
                        f"heads={HEADS} kv_heads={KV_HEADS} head_dim={HEAD_DIM} batch=1 causal"))
-    print("| N | P | method | fwd+bwd ms (median) | ratio_vs_ulysses | bytes sent/rank | formula | measured/formula |")
+    print("| N | P | method | fwd+bwd ms (median) | ratio_vs_ulysses | bytes sent/rank (max) | formula "
+          "| measured/formula |")
     print("|---|---|---|---|---|---|---|---|")
     for world in args.world:
         out = f"/tmp/bench_sp_attention_{os.getpid()}_{world}.md"

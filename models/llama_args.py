@@ -45,6 +45,10 @@ class LlamaArgs:
     lightning attention)."""
     linear_output_gate: bool = True
     """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
+    linear_sp_exchange: Literal["allgather", "scan"] = "allgather"
+    """How linear layers under sp > 1 share their d_k x d_v states (parallel/lasp2.py): allgather
+    (LASP-2: every rank receives all P states) or scan (each rank receives one state from its
+    predecessor per piece it holds and sends one on, whatever P; every sp_method)."""
     init_from: str | None = None
     """A Hugging Face Llama folder (config.json, *.safetensors) whose weights the model starts from,
     instead of drawing them from the seed; the numbers above must match its config.json (a mismatch

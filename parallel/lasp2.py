@@ -19,9 +19,14 @@ elements, whatever the sequence length.
 The same works for any layout that gives each rank whole pieces of the sequence (`piece_order`):
 under ring attention's zigzag layout a rank holds two pieces, so it gathers two states and forms
 the prefix for each; hybrids keep one layout for their softmax and linear layers this way.
+
+`exchange="scan"` replaces the all-gather by a point-to-point scan of the states in sequence order
+(parallel/state_scan.py): each rank sends one state per piece it holds each way, whatever P.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,12 @@ from ithaca.kernels.linear_attention import (LinearAttentionImpl, check_linear_a
                                              expand_log_decay, linear_attention, state_reach)
 from ithaca.parallel.gather import PendingGather, gather_states
 from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.state_scan import PendingScan, ScanPlan, scan_states
+
+Exchange = Literal["allgather", "scan"]
+SCAN_BLOCKS = 4
+"""d_v blocks of the scanned state: enough that one is on the wire while another is folded, few
+enough that each message (b*h*d_k*d_v/4 fp32) stays large next to a message's fixed cost."""
 
 
 def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
@@ -47,7 +58,7 @@ def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                     log_decay: torch.Tensor | None = None, scale: float | None = None,
                     resets: torch.Tensor | None = None, ring: int = 1,
-                    impl: LinearAttentionImpl = "auto") -> torch.Tensor:
+                    impl: LinearAttentionImpl = "auto", exchange: Exchange = "allgather") -> torch.Tensor:
     """Exact linear attention with decay over a sequence split across `group`.
 
     q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t
@@ -57,7 +68,10 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     to q; `resets` [b, s] bool marks tokens that start a document. `impl` picks the local
     computation (ithaca.kernels.linear_attention.linear_attention). Returns o [b, s, h, d_v] in
     q's dtype. Communication: one all-gather of P * pieces * b * h * (d_k*d_v + 1) elements forward
-    (pieces = 1 per rank contiguous, 2 under a zigzag layout), one reduce-scatter of as many backward. Raises ValueError on shapes that do not fit.
+    (pieces = 1 per rank contiguous, 2 under a zigzag layout), one reduce-scatter of as many backward.
+    `exchange="scan"` instead passes the states point to point in sequence order: each rank
+    sends at most pieces * b * h * d_k*d_v elements forward and as many backward, whatever P.
+    Raises ValueError on shapes that do not fit.
     """
     check_linear_attention_inputs("lasp2_attention", q, k, v, log_decay, resets)
     b, s, h, d_k = q.shape
@@ -65,21 +79,23 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     if world % ring or (ring > 1 and s % 2):
         raise ValueError(f"lasp2_attention: ring={ring} must divide the group size {world}, and a zigzag "
                          f"part must split in two (local length {s})")
+    if exchange not in ("allgather", "scan"):
+        raise ValueError(f"lasp2_attention: exchange={exchange!r}; choose 'allgather' or 'scan'")
     scale = d_k ** -0.5 if scale is None else scale
     mine, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
     size = s // len(mine)
     parts = [slice(i * size, (i + 1) * size) for i in range(len(mine))]
     piece_resets = [None if resets is None else resets[:, part] for part in parts]
     decay = expand_log_decay(log_decay, b, s, h, q.device)  # [b, s, h] fp32, for the pieces' states
+    if exchange == "scan" and n_pieces > 1:
+        return _scan_attention(q, k, v, group, log_decay, decay, scale, parts, piece_resets, ring, impl)
     pending = PendingGather() if n_pieces > 1 else None
     if pending is not None:
         # one all-gather carries every piece's d_k x d_v state and carry; it runs during the outputs below
         packs = [torch.cat([t.flatten(1) for t in chunk_memory(k[:, part], v[:, part], decay[:, part], r)], dim=1)
                  for part, r in zip(parts, piece_resets)]  # [b, h*d_k*d_v + h] each
         gathered = gather_states(torch.stack(packs), group, pending)  # [P, pieces per rank, b, h*d_k*d_v + h]
-    local_decay = [log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, part] for part in parts]
-    outs = [linear_attention(q[:, part], k[:, part], v[:, part], piece_decay, scale=scale, resets=r, impl=impl)[0]
-            for part, piece_decay, r in zip(parts, local_decay, piece_resets)]  # each piece alone, no incoming state
+    outs = _piece_outputs(q, k, v, log_decay, scale, parts, piece_resets, impl)
     if pending is None:
         return outs[0]
     pending.wait()  # guards `gathered`
@@ -89,10 +105,48 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     n_state = h * d_k * v.shape[-1]
     memories = in_order[..., :n_state].reshape(n_pieces, b, h, d_k, v.shape[-1])
     carries = in_order[..., n_state:]
+    entering = [torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories) for piece in mine]
+    return _add_incoming(outs, entering, q, decay, scale, parts, piece_resets)
+
+
+def _scan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+                    log_decay: torch.Tensor | None, decay: torch.Tensor, scale: float, parts: list[slice],
+                    piece_resets: list[torch.Tensor | None], ring: int, impl: LinearAttentionImpl) -> torch.Tensor:
+    """lasp2_attention with exchange="scan": the states entering this rank's pieces come from the
+    point-to-point scan (parallel/state_scan.py) in sequence order, whatever the layout."""
+    world = dist.get_world_size(group)
+    order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
+    owner = [r for p in range(sum(map(len, order))) for r, pieces in enumerate(order) if p in pieces]
+    plan = ScanPlan(mine=order[dist.get_rank(group)], owner=owner, blocks=min(SCAN_BLOCKS, v.shape[-1]))
+    states = [chunk_memory(k[:, part], v[:, part], decay[:, part], r) for part, r in zip(parts, piece_resets)]
+    memories = torch.stack([m for m, _ in states])  # [pieces, b, h, d_k, d_v]: cheap, so first
+    carries = torch.stack([a for _, a in states])  # [pieces, b, h]
+    pending = PendingScan(memories, group, plan)  # receives posted: they land during the outputs below
+    waits = pending.is_waiting()
+    if not waits:  # e.g. rank 0, contiguous: folding now puts its successor's state on the wire early
+        entering = scan_states(memories, carries, pending, group)
+    outs = _piece_outputs(q, k, v, log_decay, scale, parts, piece_resets, impl)
+    if waits:
+        entering = scan_states(memories, carries, pending, group)  # waits on predecessors, block by block
+    # every rank's scan stays in the graph, piece 0's zero state too: its backward receives the next piece's gradient
+    return _add_incoming(outs, list(entering), q, decay, scale, parts, piece_resets)
+
+
+def _piece_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None, scale: float,
+                   parts: list[slice], piece_resets: list[torch.Tensor | None],
+                   impl: LinearAttentionImpl) -> list[torch.Tensor]:
+    """Each of this rank's pieces alone, with no incoming state: [b, C, h, d_v] each (the costly part)."""
+    local_decay = [log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, part] for part in parts]
+    return [linear_attention(q[:, part], k[:, part], v[:, part], piece_decay, scale=scale, resets=r, impl=impl)[0]
+            for part, piece_decay, r in zip(parts, local_decay, piece_resets)]
+
+
+def _add_incoming(outs: list[torch.Tensor], entering: list[torch.Tensor], q: torch.Tensor, decay: torch.Tensor,
+                  scale: float, parts: list[slice], piece_resets: list[torch.Tensor | None]) -> torch.Tensor:
+    """The pieces' outputs plus what the state entering each ([b, h, d_k, d_v] fp32) adds:
+    exp(g_i) (scale q_i) S, 0 from the piece's first reset on. Returns [b, s, h, d_v] in q's dtype."""
     full = []
-    for i, piece in enumerate(mine):
-        state = torch.einsum("pbh,pbhkv->bhkv", _prefix_weights(carries, piece), memories)  # entering this piece
-        reach, _, _ = state_reach(decay[:, parts[i]], piece_resets[i])
-        incoming = torch.einsum("bshk,bhkv->bshv", scale * q[:, parts[i]].float() * reach[..., None], state)
-        full.append(outs[i].float() + incoming)
+    for out, state, part, r in zip(outs, entering, parts, piece_resets):
+        reach, _, _ = state_reach(decay[:, part], r)  # [b, C, h]
+        full.append(out.float() + torch.einsum("bshk,bhkv->bshv", scale * q[:, part].float() * reach[..., None], state))
     return torch.cat(full, dim=1).to(q.dtype)

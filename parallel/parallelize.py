@@ -32,7 +32,7 @@ from ithaca.models.llama_args import KernelChoice, LlamaArgs
 from ithaca.models.mixer import LinearAttend, LocalLinearAttend, LocalSoftmaxAttend, SoftmaxAttend
 from ithaca.models.state_layout import canonical_layout, canonical_name, shard
 from ithaca.parallel.allgather_kv import allgather_kv_attention
-from ithaca.parallel.lasp2 import lasp2_attention
+from ithaca.parallel.lasp2 import Exchange, lasp2_attention
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.ring import ring_attention
@@ -58,17 +58,18 @@ def softmax_attend(mesh: ParallelMesh, sp_method: SpMethod, kernels: KernelChoic
     return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring, impl=kernels)
 
 
-def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> LinearAttend:
-    """Linear attention for this mesh: the local chunked form, or LASP-2 over sp in the mesh's layout."""
+def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto", exchange: Exchange = "allgather") -> LinearAttend:
+    """Linear attention for this mesh: the local chunked form, or LASP-2 over sp in the mesh's layout,
+    its states all-gathered or scanned (`exchange`)."""
     if mesh.sp == 1:
         return LocalLinearAttend(kernels)
-    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels)
+    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels, exchange=exchange)
 
 
 def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpMethod,
-                            kernels: KernelChoice = "auto") -> nn.Module:
+                            kernels: KernelChoice = "auto", exchange: Exchange = "allgather") -> nn.Module:
     """Give every mixer in `model` (a Llama or pipeline stages) the attention of its kind for `mesh`."""
-    softmax, linear = softmax_attend(mesh, sp_method, kernels), linear_attend(mesh, kernels)
+    softmax, linear = softmax_attend(mesh, sp_method, kernels), linear_attend(mesh, kernels, exchange)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = softmax
@@ -91,7 +92,7 @@ def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, sp_method: SpMetho
         model = Llama(args, mp, seed=seed, tp_group=mesh.group("tp"))
     if args.init_from is not None:
         load_hf_weights(model, args, mesh)
-    return apply_sequence_parallel(model, mesh, sp_method, args.kernels)
+    return apply_sequence_parallel(model, mesh, sp_method, args.kernels, args.linear_sp_exchange)
 
 
 def load_hf_weights(model: nn.Module, args: LlamaArgs, mesh: ParallelMesh) -> None:

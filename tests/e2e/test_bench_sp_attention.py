@@ -14,5 +14,6 @@ def test_bytes_sent_match_the_formulas():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 64 ")]
-    assert [r[3].strip() for r in rows] == ["ulysses", "ring", "lasp2", "ulysses", "ring", "usp", "lasp2"]
+    assert [r[3].strip() for r in rows] == ["ulysses", "ring", "lasp2", "lasp2-scan", "ulysses", "ring", "usp", "lasp2",
+                                                "lasp2-scan"]
     assert all(r[8].strip() == "1.000" for r in rows), done.stdout
