@@ -24,6 +24,9 @@ def train(capsys, tmp_path, *extra: str) -> tuple[int, str]:
      "data.seq_len=127: must be divisible by 2 (sp=2, sp_method=ulysses)"),
     (["--set", "model.n_heads=6", "--set", "model.n_kv_heads=3", "--set", "model.dim=96",
       "--set", "parallel.sp=2", "--set", "parallel.dp=1"], "Ulysses splits n_kv_heads/tp=3 kv heads over 2 ranks"),
+    (["--max-restarts", "-1"], "--max-restarts=-1: use 0 (no restarts) or more"),
+    (["--set", "train.step_timeout=0"], "train.step_timeout=0.0: use a number of seconds > 0"),
+    (["--set", "model.linear_sp_exchange=ring"], "model.linear_sp_exchange"),
 ])
 def test_config_errors_exit_2_with_one_line(capsys, tmp_path, debug_shards, extra, message):
     code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", *extra)
@@ -122,3 +125,10 @@ def test_resume_auto_starts_fresh_without_a_checkpoint(capsys, tmp_path, debug_s
     # plain --resume needs a checkpoint; auto goes on to the next check (here: the world size)
     code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}", "--resume", "auto", "--nproc", "3")
     assert code == 2 and "no checkpoint" not in err and "must equal the world size 3" in err
+
+
+def test_init_from_a_folder_without_a_model_is_named_before_any_process_starts(capsys, tmp_path, debug_shards):
+    code, err = train(capsys, tmp_path, "--set", f"data.path={debug_shards}",
+                      "--set", f"model.init_from={tmp_path / 'nope'}")
+    assert code == 1 and "no config.json there" in err and str(tmp_path / "nope") in err
+    assert err.count("\n") == 1
