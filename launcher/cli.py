@@ -150,7 +150,7 @@ def _prep(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_library_warnings()
     from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.distributed import env_world_size, launched_by_torchrun
+    from ithaca.launcher.distributed import env_world_size, launched_by_torchrun, restart_attempt
     from ithaca.launcher.preflight import check_kernels_here, preflight
 
     if args.max_restarts < 0:
@@ -180,7 +180,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
                                                  "`ithaca check` before starting torchrun")
     # torchrun killed outright: its ranks checkpoint and stop instead of training on (SIGTERM is a stop signal)
     die_with_parent(signal.SIGTERM)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restart = restart_attempt()
     if restart and has_checkpoint:  # torchrun restarted every rank after one failed (--max-restarts)
         args.resume = LATEST
         print(f"ithaca: restart {restart}: resuming from the latest complete checkpoint", file=sys.stderr)

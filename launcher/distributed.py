@@ -24,6 +24,11 @@ def env_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def restart_attempt() -> int:
+    """Which attempt of a torchrun job this is: 0 first, then one more per --max-restarts restart."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _attempt_store() -> dict:
     """Under torchrun, the store, rank and world size for init_process_group, with keys of this attempt only.
 

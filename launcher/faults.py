@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ithaca.launcher.distributed import restart_attempt
+
 ENV = "ITHACA_TEST_FAULT"
 KINDS = ("kill", "hang")
 TEST_BREAK_VAR = "ITHACA_TEST_BREAK"
@@ -45,7 +47,7 @@ class Fault:
 def planned_fault(rank: int) -> Fault | None:
     """This rank's fault from the environment, or None."""
     spec = os.environ.get(ENV)
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    if not spec or restart_attempt() > 0:
         return None
     kind, step, fault_rank = spec.split(":")
     if kind not in KINDS:

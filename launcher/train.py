@@ -14,7 +14,6 @@ skips together (launcher/nonfinite.py, `train.on_nonfinite`); a bad step is neve
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from ithaca.data.loader import PackedLoader, Source
 from ithaca.data.packing import document_ids, document_positions, document_starts
 from ithaca.launcher.checkpoint import load_checkpoint, save_checkpoint
 from ithaca.launcher.config import RunConfig
-from ithaca.launcher.distributed import init_distributed
+from ithaca.launcher.distributed import init_distributed, restart_attempt
 from ithaca.launcher.engine import build_engine
 from ithaca.launcher.faults import planned_fault
 from ithaca.launcher.metric_journal import newest_run_key
@@ -143,7 +142,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         step, loader_states = client["step"], client["loader"]
         run_id = client.get("tracking_run_key", client.get("mlflow_run_id"))
         log.info(f"resumed from {path} at step={step}")
-    elif rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    elif rank == 0 and restart_attempt() > 0:
         # torchrun restarted the job before its first checkpoint: continue the same MLflow run, whose
         # journal drops the replayed steps (they are bit-identical, as after any resume)
         run_id = newest_run_key(output)
