@@ -1,10 +1,13 @@
-"""Ring vs Ulysses vs USP vs LASP-2 (all-gather, scan): one mixing layer's forward+backward per rank, time and bytes.
+"""Ring vs Ulysses vs USP vs LASP-2 and the delta rule (all-gather, scan): one mixing layer's forward+backward
+per rank, time and bytes.
 
 What it measures: for each (N, P), every method runs the same [1, N, h, d] causal layer split
 over P ranks (Ulysses contiguous, ring zigzag, USP both; LASP-2 is linear attention with a fixed
-decay on the same q, k, v, contiguous, its states all-gathered or scanned), after a warm-up, the
-methods interleaved over repeats; it prints the median time, the ratio to Ulysses, and the most
-bytes any rank sent (counted at torch.distributed) beside the formula for them:
+decay on the same q, k, v, contiguous, its states all-gathered or scanned; "delta" is the gated
+delta rule with the same decay, L2-normed k and sigmoid beta, contiguous, its (A, B) pairs
+all-gathered or its states scanned), after a warm-up, the methods interleaved over repeats; it
+prints the median time, the ratio to Ulysses, and the most bytes any rank sent (counted at
+torch.distributed) beside the formula for them:
 
     Ulysses  2 passes x (2h + 2h_kv') * b*(N/P)*d * (P-1)/P elements      (h_kv' = max(h_kv, P))
     ring     forward (P-1) * 2*b*(N/P)*h_kv*d; backward the same again plus P * 2*b*(N/P)*h_kv*d
@@ -15,6 +18,9 @@ bytes any rank sent (counted at torch.distributed) beside the formula for them:
              of their gradients, the same again: independent of N
     scan     fp32 states to the next rank forward, their gradients to the previous one backward:
              b*h*d*d each way, so one state (P = 2) or two (inner ranks, P > 2): independent of N and P
+    delta    all-gather of fp32 pairs (P-1) * b*h*d*(d + d) (A is d x d, B d x d_v), and a
+             reduce-scatter of their gradients, the same again: independent of N
+    delta-scan  as scan: only states travel, A stays on its rank
 
 Run:  python -m bench.sp_attention --device cpu            (gloo processes on this machine)
       python -m bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
@@ -40,7 +46,9 @@ def _bytes_formula(method: str, n: int, world: int, ring: int, elem: int) -> int
     s = n // world
     if method == "lasp2":
         return 2 * (world - 1) * HEADS * (HEAD_DIM * HEAD_DIM + 1) * 4
-    if method == "lasp2-scan":
+    if method == "delta":
+        return 2 * (world - 1) * HEADS * HEAD_DIM * (HEAD_DIM + HEAD_DIM) * 4
+    if method in ("lasp2-scan", "delta-scan"):
         return min(world - 1, 2) * HEADS * HEAD_DIM * HEAD_DIM * 4
     if method == "ulysses":
         kv = max(KV_HEADS, world)
@@ -61,6 +69,8 @@ def _methods(world: int) -> dict[str, int]:
         methods["usp"] = 2
     methods["lasp2"] = 1
     methods["lasp2-scan"] = 1
+    methods["delta"] = 1
+    methods["delta-scan"] = 1
     return methods
 
 
@@ -73,7 +83,8 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
     dist.init_process_group(backend, rank=rank, world_size=world)
     from bench.comm_counter import count_bytes_sent
     from ithaca.models.linear_attention import retention_log_decay
-    from ithaca.parallel import build_mesh, lasp2_attention, sequence_part, ulysses_attention, usp_attention
+    from ithaca.parallel import (build_mesh, delta_rule_attention, lasp2_attention, sequence_part, ulysses_attention,
+                                 usp_attention)
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meshes = {ring: build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type=device)
@@ -82,6 +93,7 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
     for n in lengths:
         gen = torch.Generator().manual_seed(0)
         full = [torch.randn(1, n, h, HEAD_DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS)]
+        full_beta = torch.sigmoid(torch.randn(1, n, HEADS, generator=gen))  # the delta rule's write strength
         times: dict[str, list[float]] = {m: [] for m in _methods(world)}
         sent: dict[str, int] = {}
         for repeat in range(repeats + 1):  # repeat 0 warms up
@@ -93,7 +105,13 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
                 dist.barrier()
                 start = time.perf_counter()
                 with count_bytes_sent() as counter:
-                    if method.startswith("lasp2"):
+                    if method.startswith("delta"):
+                        beta = sequence_part(full_beta, sp_rank=mesh.rank("sp"), sp=world, ring=ring).to(device, dtype)
+                        exchange = "scan" if method == "delta-scan" else "allgather"
+                        out = delta_rule_attention(q, torch.nn.functional.normalize(k, dim=-1), v,
+                                                   beta.requires_grad_(), mesh.group("sp"), exchange=exchange,
+                                                   log_decay=retention_log_decay(HEADS).to(device))
+                    elif method.startswith("lasp2"):
                         exchange = "scan" if method == "lasp2-scan" else "allgather"
                         out = lasp2_attention(q, k, v, mesh.group("sp"), exchange=exchange,
                                               log_decay=retention_log_decay(HEADS).to(device))

@@ -1,23 +1,34 @@
-"""Sequence parallelism for delta-rule layers (DeltaNet, Gated DeltaNet) by one all-gather of
-transition pairs (issue #15).
+"""Sequence parallelism for delta-rule layers (DeltaNet, Gated DeltaNet): the pieces' transition
+pairs all-gathered, or only the states scanned point to point (issue #15).
 
 Each rank holds whole pieces of the sequence (`piece_order`: one piece contiguous, two under ring
 attention's zigzag layout). The delta rule is affine in the state it receives: a piece p takes
 S_in to S_out = A_p S_in + B_p, with A_p [d_k, d_k] and B_p [d_k, d_v] computed from the piece
 alone by `delta_rule_transition` (kernels/delta_rule/chunked.py derives them; A_p is exactly zero
-once a document starts in the piece). One all-gather of every piece's (A_p, B_p) lets each rank
-form the state entering each of its pieces by composing the pieces before it in sequence order,
+once a document starts in the piece). The state entering piece p is the prefix in sequence order
 
     S_0 = 0,   S_{p+1} = A_p S_p + B_p,
 
-and run `delta_rule` on the piece from S_p. Unlike LASP-2's memories, a delta-rule piece's output
-is not its zero-start output plus a cheap correction, so the local output waits for the gather;
-and each piece's chunk factors are computed twice, once for (A, B) and once for the output (one
-pass giving both is the local kernel's job, issue #15).
-Backward is autograd through the same operations: the gradient of S_p reaches the earlier pieces'
-(A, B) and, through the all-gather's backward (one reduce-scatter), the ranks that computed them.
-Per layer and direction that is P * pieces * b * h * d_k * (d_k + d_v) fp32 elements, whatever
-the sequence length.
+and each piece's output is `delta_rule` on the piece from S_p. Unlike LASP-2's memories, a
+delta-rule piece's output is not its zero-start output plus a cheap correction, so the local output
+waits for its entering state; and each piece's chunk factors are computed twice, once for (A, B)
+and once for the output (one pass giving both is the local kernel's job, issue #15). Two exchanges
+form S_p:
+
+  allgather  one all-gather of every piece's (A_p, B_p); each rank composes the pieces before its
+             own. Backward is autograd through the composition; the all-gather's backward (one
+             reduce-scatter) returns the gradients of (A, B) to the ranks that computed them.
+             Per layer and direction: P * pieces * b * h * d_k * (d_k + d_v) fp32 elements, growing with P.
+  scan       parallel/state_scan.py with a matrix carry: the owner of piece p receives S_p from the
+             owner of p-1, folds A_p S_p + B_p and sends it to the owner of p+1, in d_v column
+             blocks (A acts on the d_k side, so columns are independent); backward scans
+             G_p = dS_p + A_p^T G_{p+1} the other way. A and B never leave their rank: per layer
+             and direction a rank sends one b * h * d_k * d_v fp32 state per piece whose
+             neighbour in the sequence is on another rank (at most 2 per piece, 1 at P = 2
+             contiguous), whatever P. The price is latency: the chain visits the pieces one
+             after another (2P hops zigzag) before the last rank's outputs can start.
+
+Neither depends on the sequence length.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from ithaca.kernels.delta_rule import DeltaRuleImpl, delta_rule, delta_rule_tran
 from ithaca.kernels.linear_attention import check_linear_attention_inputs
 from ithaca.parallel.gather import gather_states
 from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.state_scan import PendingScan, ScanPlan, scan_states
 
 
 def _entering_state(a: torch.Tensor, b: torch.Tensor, piece: int) -> torch.Tensor:
@@ -48,7 +60,8 @@ def _entering_state(a: torch.Tensor, b: torch.Tensor, piece: int) -> torch.Tenso
 def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                          group: dist.ProcessGroup, *, log_decay: torch.Tensor | None = None,
                          scale: float | None = None, resets: torch.Tensor | None = None, ring: int = 1,
-                         impl: DeltaRuleImpl = "auto", exchange: Literal["allgather"] = "allgather") -> torch.Tensor:
+                         impl: DeltaRuleImpl = "auto",
+                         exchange: Literal["allgather", "scan"] = "allgather") -> torch.Tensor:
     """The gated delta rule (ithaca.kernels.delta_rule.delta_rule) over a sequence split across `group`.
 
     q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t
@@ -57,19 +70,22 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     [b, s, h] (this rank's part); `scale` defaults to d_k^-0.5; `resets` [b, s] bool marks tokens
     that start a document. Keys L2-normalised and beta in (0, 1) keep the recurrence stable (not
     checked). `impl` picks the local computation. Returns o [b, s, h, d_v] in q's dtype; gradients
-    reach q, k, v, beta and log_decay. Communication: one all-gather of
-    P * pieces * b * h * d_k * (d_k + d_v) fp32 elements forward (pieces = 1 per rank contiguous,
-    2 under a zigzag layout), one reduce-scatter of as many backward.
+    reach q, k, v, beta and log_decay.
+    Communication (pieces = 1 per rank contiguous, 2 under a zigzag layout), per call:
+    `exchange="allgather"`: one all-gather of P * pieces * b * h * d_k * (d_k + d_v) fp32 elements
+    forward, one reduce-scatter of as many backward.
+    `exchange="scan"`: point to point with the ranks holding the neighbouring pieces only; a rank
+    sends b * h * d_k * d_v fp32 elements per piece whose successor is on another rank forward, and
+    as many per piece whose predecessor is backward (at most 2 * pieces states in all), whatever P.
     Raises ValueError on shapes that do not fit, a ring not dividing P, or an exchange other than
-    "allgather".
+    "allgather" and "scan".
     """
     check_linear_attention_inputs("delta_rule_attention", q, k, v, log_decay, resets)
     if tuple(beta.shape) != tuple(q.shape[:3]) or not beta.dtype.is_floating_point:
         raise ValueError(f"delta_rule_attention: beta must be [b, s, h]={tuple(q.shape[:3])} floating; "
                          f"got {tuple(beta.shape)} {beta.dtype}")
-    if exchange != "allgather":
-        raise ValueError(f"delta_rule_attention: exchange={exchange!r}; only 'allgather' is implemented "
-                         f"(the point-to-point scan is issue #15's)")
+    if exchange not in ("allgather", "scan"):
+        raise ValueError(f"delta_rule_attention: exchange={exchange!r}; choose 'allgather' or 'scan'")
     s, d_k = q.shape[1], q.shape[3]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world % ring or (ring > 1 and s % 2):
@@ -85,14 +101,21 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
 
     pairs = [delta_rule_transition(k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
                                    resets=piece(resets, part), impl=impl) for part in parts]
-    packs = torch.stack([torch.cat(pair, dim=-1) for pair in pairs])  # [pieces, b, h, d_k, d_k + d_v]
-    gathered = gather_states(packs, group)  # [P, pieces per rank, b, h, d_k, d_k + d_v]
-    order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
-    position = {p: (r, i) for r, pieces in enumerate(order) for i, p in enumerate(pieces)}
-    in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, h, d_k, d_k + d_v]
-    a, b = in_order.split([d_k, v.shape[-1]], dim=-1)
+    if exchange == "scan":
+        plan = ScanPlan.of_layout(sp_rank=rank, sp=world, ring=ring, d_v=v.shape[-1])
+        offsets = torch.stack([b for _, b in pairs])  # B_p [pieces, b, h, d_k, d_v]: the memories
+        transitions = torch.stack([a for a, _ in pairs])  # A_p [pieces, b, h, d_k, d_k]: matrix carries
+        # every rank's scan stays in the graph, piece 0's zero state too: its backward passes the gradient on
+        entering = list(scan_states(offsets, transitions, PendingScan(offsets, group, plan), group))
+    else:
+        packs = torch.stack([torch.cat(pair, dim=-1) for pair in pairs])  # [pieces, b, h, d_k, d_k + d_v]
+        gathered = gather_states(packs, group)  # [P, pieces per rank, b, h, d_k, d_k + d_v]
+        order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
+        position = {p: (r, i) for r, pieces in enumerate(order) for i, p in enumerate(pieces)}
+        in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, h, d_k, d_k + d_v]
+        a, b = in_order.split([d_k, v.shape[-1]], dim=-1)
+        entering = [_entering_state(a, b, p) for p in mine]
     outs = [delta_rule(q[:, part], k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
-                       scale=scale, resets=piece(resets, part), initial_state=_entering_state(a, b, p),
-                       impl=impl)[0]
-            for p, part in zip(mine, parts)]
+                       scale=scale, resets=piece(resets, part), initial_state=state, impl=impl)[0]
+            for state, part in zip(entering, parts)]
     return torch.cat(outs, dim=1)

@@ -38,9 +38,6 @@ from ithaca.parallel.sequence_layout import piece_order
 from ithaca.parallel.state_scan import PendingScan, ScanPlan, scan_states
 
 Exchange = Literal["allgather", "scan"]
-SCAN_BLOCKS = 4
-"""d_v blocks of the scanned state: enough that one is on the wire while another is folded, few
-enough that each message (b*h*d_k*d_v/4 fp32) stays large next to a message's fixed cost."""
 
 
 def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
@@ -114,10 +111,7 @@ def _scan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
                     piece_resets: list[torch.Tensor | None], ring: int, impl: LinearAttentionImpl) -> torch.Tensor:
     """lasp2_attention with exchange="scan": the states entering this rank's pieces come from the
     point-to-point scan (parallel/state_scan.py) in sequence order, whatever the layout."""
-    world = dist.get_world_size(group)
-    order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
-    owner = [r for p in range(sum(map(len, order))) for r, pieces in enumerate(order) if p in pieces]
-    plan = ScanPlan(mine=order[dist.get_rank(group)], owner=owner, blocks=min(SCAN_BLOCKS, v.shape[-1]))
+    plan = ScanPlan.of_layout(sp_rank=dist.get_rank(group), sp=dist.get_world_size(group), ring=ring, d_v=v.shape[-1])
     states = [chunk_memory(k[:, part], v[:, part], decay[:, part], r) for part, r in zip(parts, piece_resets)]
     memories = torch.stack([m for m, _ in states])  # [pieces, b, h, d_k, d_v]: cheap, so first
     carries = torch.stack([a for _, a in states])  # [pieces, b, h]

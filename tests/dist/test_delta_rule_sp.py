@@ -1,11 +1,14 @@
-"""delta_rule_attention over gloo equals the single-process delta-rule recurrence, forward and backward.
+"""delta_rule_attention over gloo equals the single-process delta-rule recurrence, forward and backward,
+with either exchange (the all-gather of transition pairs, the point-to-point scan of states).
 
 Twin pattern: every rank draws the full inputs from one seed (as Gated DeltaNet feeds them: L2-normed
 keys, sigmoid beta, logsigmoid gates, packed documents), runs the token recurrence on the whole
-sequence, then delta_rule_attention on its part, and compares its part of the output and of every
-gradient (q, k, v, beta, gates) under a random cotangent. The inputs have long memory (beta ~0.1,
-gates ~0.98), and each twin checks that the state carried between pieces changes the output by far
-more than the tolerance, so a dropped or wrong incoming state fails.
+sequence once, then delta_rule_attention on its part with each exchange, and compares its part of
+the output and of every gradient (q, k, v, beta, gates) under a random cotangent. The inputs have
+long memory (beta ~0.1, gates ~0.98), and each twin checks that the state carried between pieces
+changes the output by far more than the tolerance, so a dropped or wrong incoming state fails.
+Both exchanges share one rank job per layout and one reference per case: the token recurrence is
+the costly part, so the scan adds little time.
 """
 
 from __future__ import annotations
@@ -66,28 +69,29 @@ def _twin(decay: str, s: int, seed: int, ring: int) -> None:
     def mine(t: torch.Tensor) -> torch.Tensor:
         return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
 
-    leaves = {name: mine(inputs[name]).clone().requires_grad_() for name in names}
-    out = delta_rule_attention(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], group,
-                               log_decay=leaves.get("log_decay", fixed_decay), resets=mine(inputs["resets"]),
-                               ring=ring)
-    out.backward(mine(cotangent))
-    where = f"decay={decay} s={s} ring={ring} rank={rank}/{world}"
-    torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
-    for name in names:
-        torch.testing.assert_close(leaves[name].grad, mine(full_leaves[name].grad), **TOL,
-                                   msg=lambda m: f"d{name} {where}: {m}")
+    for exchange in ("allgather", "scan"):
+        leaves = {name: mine(inputs[name]).clone().requires_grad_() for name in names}
+        out = delta_rule_attention(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], group,
+                                   log_decay=leaves.get("log_decay", fixed_decay), resets=mine(inputs["resets"]),
+                                   ring=ring, exchange=exchange)
+        out.backward(mine(cotangent))
+        where = f"exchange={exchange} decay={decay} s={s} ring={ring} rank={rank}/{world}"
+        torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
+        for name in names:
+            torch.testing.assert_close(leaves[name].grad, mine(full_leaves[name].grad), **TOL,
+                                       msg=lambda m: f"d{name} {where}: {m}")
 
-    size = s // len(mine_pieces)
-    for i, p in enumerate(mine_pieces):
-        if p == 0:
-            continue  # the sequence's first piece receives nothing
-        part = slice(i * size, (i + 1) * size)
-        with torch.no_grad():
-            gates = leaves["log_decay"][:, part] if is_per_token else fixed_decay
-            alone, _ = delta_rule(*(leaves[name][:, part] for name in ("q", "k", "v", "beta")), log_decay=gates,
-                                  resets=mine(inputs["resets"])[:, part])  # the piece from a zero state
-        carried = (alone - out[:, part]).abs().max().item()
-        assert carried > CARRIED, f"piece {p} {where}: the incoming state moves the output by only {carried:.2e}"
+        size = s // len(mine_pieces)
+        for i, p in enumerate(mine_pieces):
+            if p == 0:
+                continue  # the sequence's first piece receives nothing
+            part = slice(i * size, (i + 1) * size)
+            with torch.no_grad():
+                gates = leaves["log_decay"][:, part] if is_per_token else fixed_decay
+                alone, _ = delta_rule(*(leaves[name][:, part] for name in ("q", "k", "v", "beta")), log_decay=gates,
+                                      resets=mine(inputs["resets"])[:, part])  # the piece from a zero state
+            carried = (alone - out[:, part]).abs().max().item()
+            assert carried > CARRIED, f"piece {p} {where}: the incoming state moves the output by only {carried:.2e}"
 
 
 CASES = [(decay, s) for decay in ("none", "fixed", "gated") for s in (12, 140)]
@@ -129,6 +133,37 @@ def test_traffic_is_one_pair_per_rank_and_independent_of_length():
         assert moved == (expected, expected)
 
 
+def _bytes_sent(lengths: tuple[int, ...]) -> dict[tuple[str, int], int]:
+    from bench.comm_counter import count_bytes_sent
+    from ithaca.parallel import delta_rule_attention
+
+    sent = {}
+    for s in lengths:
+        q = torch.randn(2, s, H, DK, requires_grad=True)
+        v = torch.randn(2, s, H, DV, requires_grad=True)
+        beta = torch.rand(2, s, H, requires_grad=True)
+        for exchange in ("allgather", "scan"):
+            with count_bytes_sent() as counter:
+                delta_rule_attention(q, F.normalize(q, dim=-1), v, beta, dist.group.WORLD,
+                                     exchange=exchange).sum().backward()
+            sent[exchange, s] = counter.bytes_sent
+    return sent
+
+
+def test_scan_traffic_is_one_state_per_neighbour_whatever_p_and_length():
+    """With the scan each rank sends one fp32 state forward (but the last) and one gradient back (but
+    the first), never A: the ends send one state at P=2 and P=4 alike, inner ranks two. The all-gather
+    sends 2 (P-1) (A, B) pairs (gather and reduce-scatter), so at P=4 every rank sends more."""
+    state = 2 * H * DK * DV * 4  # b=2 rows, fp32
+    pair = 2 * H * DK * (DK + DV) * 4
+    for world in (2, 4):
+        for r, sent in enumerate(run_ranks(_bytes_sent, world, (16, 32))):
+            for s in (16, 32):
+                assert sent["scan", s] == state * ((r < world - 1) + (r > 0)), (world, r, sent)
+                assert sent["allgather", s] == 2 * (world - 1) * pair, (world, r, sent)
+                assert world == 2 or sent["scan", s] < sent["allgather", s], (world, r, sent)
+
+
 def _bad_inputs() -> bool:
     from ithaca.parallel import delta_rule_attention
 
@@ -137,8 +172,8 @@ def _bad_inputs() -> bool:
     group = dist.group.WORLD
     with pytest.raises(ValueError, match=r"beta must be \[b, s, h\]"):
         delta_rule_attention(q, q, q, torch.rand(1, 4, 3), group)
-    with pytest.raises(ValueError, match="exchange='scan'"):
-        delta_rule_attention(q, q, q, beta, group, exchange="scan")
+    with pytest.raises(ValueError, match="exchange='ring'; choose 'allgather' or 'scan'"):
+        delta_rule_attention(q, q, q, beta, group, exchange="ring")
     with pytest.raises(ValueError, match="ring=3"):
         delta_rule_attention(q, q, q, beta, group, ring=3)
     with pytest.raises(ValueError, match="ring=2"):  # a zigzag part of odd length
