@@ -7,6 +7,8 @@ contiguous, two under a zigzag ring, two under USP), so a piece's first K-1 outp
 K-1 tokens of the previous piece in sequence order: its halo. The halo comes point to point from
 the rank holding that piece (or is copied, when this rank holds it, as at a zigzag ring's middle);
 backward sends the halo's gradient back to its owner, which adds it to its tokens' gradient.
+Each piece is then convolved with its halo as the prefix by the one-device op
+(ithaca.kernels.causal_conv1d), so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ithaca.kernels.causal_conv1d import causal_conv1d
 from ithaca.parallel.sequence_layout import piece_order
 
 
@@ -115,19 +118,10 @@ def sequence_parallel_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, group
     length = s // pieces
     x_pieces = x.reshape(b, pieces, length, c)  # [b, pieces, L, c]
     halos = _Halos.apply(x_pieces[:, :, length - halo:], group, ring)  # [b, pieces, K-1, c]
-    ext = torch.cat([halos, x_pieces], dim=2)  # [b, pieces, K-1+L, c]
-    out = torch.zeros_like(x_pieces)
+    r_pieces = r_halo = None
     if resets is not None:
-        r_pieces = resets.reshape(b, pieces, length).to(torch.float32)
+        r_pieces = resets.reshape(b, pieces, length)
         # the halo's reset flags decide whether a document starts inside the window's halo part
-        r_halo = _pass_halos(r_pieces[:, :, length - halo:].contiguous(), group, ring, backward=False)
-        starts = torch.cat([r_halo, r_pieces], dim=2).cumsum(dim=2)  # [b, pieces, K-1+L]
-    for d in range(kernel):
-        tap = ext[:, :, halo - d: halo - d + length]  # x[t-d] for every local t
-        if resets is not None and d:
-            # x[t-d] is in t's document iff no document starts at t-d+1 .. t
-            same_doc = starts[:, :, halo:] == starts[:, :, halo - d: halo - d + length]
-            tap = tap * same_doc.unsqueeze(-1)
-        out = out + tap * weight[:, kernel - 1 - d]
-    out = out.reshape(b, s, c)
-    return out if bias is None else out + bias
+        r_halo = _pass_halos(r_pieces[:, :, length - halo:].float().contiguous(), group, ring, backward=False)
+    out = causal_conv1d(x_pieces, weight, resets=r_pieces, bias=bias, prefix=halos, prefix_resets=r_halo)
+    return out.reshape(b, s, c)

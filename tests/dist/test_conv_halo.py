@@ -129,3 +129,29 @@ def _bad_inputs() -> bool:
 
 def test_bad_inputs_get_clear_errors():
     assert run_ranks(_bad_inputs, 2) == [True, True]
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_the_one_device_convolution_matches_torch_per_document(kernel, with_resets):
+    from ithaca.kernels.causal_conv1d import causal_conv1d
+
+    gen = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 23, C, generator=gen, requires_grad=True)
+    weight = torch.randn(C, kernel, generator=gen, requires_grad=True)
+    bias = torch.randn(C, generator=gen, requires_grad=True)
+    resets = (torch.rand(2, 23, generator=gen) < 0.2) if with_resets else None
+    cotangent = torch.randn(2, 23, C, generator=gen)
+    ours = causal_conv1d(x, weight, resets=resets, bias=bias)
+    theirs = _reference(x, weight, bias, resets)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    for mine, reference in zip(torch.autograd.grad(ours, (x, weight, bias), cotangent),
+                               torch.autograd.grad(theirs, (x, weight, bias), cotangent)):
+        torch.testing.assert_close(mine, reference, **TOL)
+
+
+def test_the_one_device_convolution_refuses_a_prefix_of_the_wrong_length():
+    from ithaca.kernels.causal_conv1d import causal_conv1d
+
+    with pytest.raises(ValueError, match="K-1 tokens"):
+        causal_conv1d(torch.zeros(1, 8, 3), torch.zeros(3, 4), prefix=torch.zeros(1, 2, 3))
