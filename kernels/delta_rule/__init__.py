@@ -3,9 +3,12 @@ outputs (`delta_rule`) and one for the affine map a run of tokens applies to the
 (`delta_rule_transition`), which sequence parallelism composes across ranks (issue #15).
 
 Implementations; the math is in reference.py (the recurrence) and chunked.py (the chunked form):
+  triton     ours (triton.py), forward and backward: a CUDA tensor, or the CPU under
+             TRITON_INTERPRET=1; keys up to MAX_DK=256 wide
   chunked    PyTorch, chunk by chunk (chunked.py, chunks of CHUNK tokens): any device
   reference  the token recurrence (reference.py): the spec, s sequential steps
-There is no Triton kernel yet (issue #15): "auto" picks chunked on every device and logs so once.
+"auto" picks Triton on CUDA (chunked when d_k > MAX_DK) and chunked elsewhere; each call logs once
+which runs and why.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ from typing import Literal
 
 import torch
 
-from ithaca.kernels._backend import choose
+from ithaca.kernels._backend import auto_triton_or, choose
 from ithaca.kernels.delta_rule.chunked import delta_rule_chunked, delta_rule_transition_chunked
 from ithaca.kernels.delta_rule.reference import delta_rule_reference, delta_rule_transition_reference
 from ithaca.kernels.linear_attention import check_linear_attention_inputs
 
 __all__ = ["DeltaRuleImpl", "delta_rule", "delta_rule_transition"]
 
-DeltaRuleImpl = Literal["auto", "chunked", "reference"]
+DeltaRuleImpl = Literal["auto", "triton", "chunked", "reference"]
 
 CHUNK = 64
 """Chunk length of the chunked path: O(CHUNK^2) memory per head, CHUNK sequential substitution rows."""
+
+MAX_DK = 256
+"""Widest keys the Triton kernels take (triton.py holds a key in one block per program)."""
 
 
 def _check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -36,8 +42,14 @@ def _check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, be
                          f"got {tuple(beta.shape)} {beta.dtype}")
 
 
+def _auto(x: torch.Tensor) -> tuple[str, str]:
+    if x.is_cuda and x.shape[-1] > MAX_DK:
+        return "chunked", f"d_k={x.shape[-1]} > {MAX_DK}: the Triton kernels hold a key in one block"
+    return auto_triton_or("chunked", x)
+
+
 def _choose(op: str, impl: str, x: torch.Tensor) -> str:
-    return choose(op, impl, ("chunked", "reference"), x, lambda: ("chunked", "no Triton kernel yet (issue #15)"))
+    return choose(op, impl, ("triton", "chunked", "reference"), x, lambda: _auto(x))
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
@@ -54,7 +66,9 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     state before them is dropped. `initial_state` [b, h, d_k, d_v] (any float dtype) or None (zeros).
     Returns (out [b, s, h, d_v] in q's dtype, final state [b, h, d_k, d_v] fp32 if
     output_final_state else None); gradients reach q, k, v, beta, log_decay and initial_state
-    (autograd through either path). Raises ValueError on shapes that do not fit or an unknown impl.
+    (autograd through the PyTorch paths, triton.py's backward kernels for "triton"). Raises
+    ValueError on shapes that do not fit, an unknown impl, or impl="triton" where Triton cannot run
+    or d_k > MAX_DK.
     """
     _check_inputs("delta_rule", q, k, v, beta, log_decay, resets, initial_state)
     impl = _choose("delta_rule", impl, q)
@@ -62,7 +76,14 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
                   output_final_state=output_final_state)
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, **kwargs)
-    return delta_rule_chunked(q, k, v, beta, chunk_size=CHUNK, **kwargs)
+    if impl == "chunked":
+        return delta_rule_chunked(q, k, v, beta, chunk_size=CHUNK, **kwargs)
+    from ithaca.kernels.delta_rule.triton import delta_rule_triton  # triton is imported only when chosen
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, final = delta_rule_triton(q, k, v, beta, log_decay=log_decay, scale=scale, resets=resets,
+                                   initial_state=initial_state)
+    return out, final if output_final_state else None
 
 
 def delta_rule_transition(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
@@ -77,4 +98,8 @@ def delta_rule_transition(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, 
     impl = _choose("delta_rule_transition", impl, k)
     if impl == "reference":
         return delta_rule_transition_reference(k, v, beta, log_decay=log_decay, resets=resets)
-    return delta_rule_transition_chunked(k, v, beta, log_decay=log_decay, resets=resets, chunk_size=CHUNK)
+    if impl == "chunked":
+        return delta_rule_transition_chunked(k, v, beta, log_decay=log_decay, resets=resets, chunk_size=CHUNK)
+    from ithaca.kernels.delta_rule.triton import delta_rule_transition_triton
+
+    return delta_rule_transition_triton(k, v, beta, log_decay=log_decay, resets=resets)

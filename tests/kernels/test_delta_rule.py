@@ -214,7 +214,7 @@ BETA = torch.zeros(2, 5, 3)
     ((Q, Q, Q, BETA), {"log_decay": torch.zeros(2, 5, 2)}, r"log_decay must be \[h\]"),
     ((Q, Q, Q, BETA), {"resets": torch.zeros(2, 5)}, r"resets must be \[b, s\]=\(2, 5\) bool"),
     ((Q, Q, Q, BETA), {"initial_state": torch.zeros(2, 3, 4, 5)}, r"initial_state must be \[b, h, d_k, d_v\]"),
-    ((Q, Q, Q, BETA), {"impl": "triton"}, "impl='triton'"),
+    ((Q, Q, Q, BETA), {"impl": "fla"}, "impl='fla'"),
 ])
 def test_bad_inputs_get_clear_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
