@@ -16,7 +16,7 @@ all but the input embedding table, a lookup (tied to the output projection, it c
 that matmul); L = softmax-attention layers, H heads, Q head dim, T sequence length. 6N is the
 forward and backward matmuls; 12LHQT is attention's scores and weighted sum, over the whole
 T x T square as PaLM counts it (the causal half and document masking are not subtracted).
-Linear-attention layers' state work (O(T Q^2) per head) is not counted, so MFU is an
+Linear-attention and delta-rule layers' state work (O(T Q^2) per head) is not counted, so MFU is an
 underestimate for hybrid and linear models; recomputed forwards are not counted either (that
 would be HFU).
 """

@@ -14,8 +14,9 @@ What is unusual here:
   (`init.part_seed`), so a pipeline stage that builds only its blocks gets the whole model's weights.
 - `args.activation_checkpointing` recomputes in the backward pass what the forward dropped: whole
   blocks (full) or each mixer's interior between its input and output projections (selective).
-- Layers mix tokens with softmax attention or linear attention (models/linear_attention.py) as
-  `layer_pattern` says, so the same class builds Llama, linear-attention and hybrid models.
+- Layers mix tokens with softmax attention, linear attention (models/linear_attention.py) or Gated
+  DeltaNet (models/delta_net.py) as `layer_pattern` says, so the same class builds Llama,
+  linear-attention, delta-rule and hybrid models.
 - Pre-norm blocks hand the stream on unadded: each norm adds the previous block's output to the
   residual stream and normalizes it in one kernel (`rms_norm(x, w, eps, residual=...)`).
 - The model returns per-token losses, not logits: the output projection and the cross-entropy are
@@ -34,6 +35,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from ithaca.kernels import linear_cross_entropy, rope, swiglu
+from ithaca.models.delta_net import GatedDeltaNet
 from ithaca.models.init import normal_init, part_seed
 from ithaca.models.linear_attention import LinearAttention
 from ithaca.models.llama_args import LlamaArgs
@@ -155,7 +157,9 @@ def build_embedding(args: LlamaArgs, mp: ModelParallelConfig, seed: int) -> tens
 def build_block(args: LlamaArgs, mp: ModelParallelConfig, seed: int, layer: int, tp_rank: int) -> Block:
     """Block `layer` (part layer + 1) with its mixer from `args.layer_pattern`, local attention."""
     with part_seed(seed, layer + 1):
-        mixer = LinearAttention(args, mp, tp_rank) if args.mixer(layer) == "L" else Attention(args, mp)
+        kind = args.mixer(layer)
+        mixer = {"S": lambda: Attention(args, mp), "L": lambda: LinearAttention(args, mp, tp_rank),
+                 "D": lambda: GatedDeltaNet(args, mp, tp_rank)}[kind]()
         return Block(args, mp, mixer)
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ithaca.models.rope_scaling import RopeScaling
 
-MIXERS = {"S": "softmax attention", "L": "linear attention"}
+MIXERS = {"S": "softmax attention", "L": "linear attention", "D": "Gated DeltaNet"}
 KernelChoice = Literal["auto", "triton", "reference"]
 Recompute = Literal["none", "full", "selective"]
 """What a run may force for every op at once (`model.kernels`); ops accept more names of their own."""
@@ -34,20 +34,27 @@ class LlamaArgs:
     init_std: float = 0.02
     layer_pattern: str = "S"
     """Each layer's token mixer, the pattern repeated over n_layers: S softmax attention, L linear
-    attention; "L" is a linear-attention model, "LLLS" a hybrid with one softmax layer in four."""
+    attention, D Gated DeltaNet (the delta rule, models/delta_net.py); "L" is a linear-attention
+    model, "LLLS" a hybrid with one softmax layer in four, "DDDS" a Gated DeltaNet hybrid."""
     linear_decay: Literal["plain", "retention", "gated"] = "retention"
-    """Linear layers' decay: none (arXiv:2006.16236), a fixed per-head decay 1 - 2^(-5-head)
-    (RetNet, arXiv:2307.08621), or a per-token, per-head sigmoid gate (GLA, arXiv:2312.06635)."""
+    """Linear (L) layers' decay: none (arXiv:2006.16236), a fixed per-head decay 1 - 2^(-5-head)
+    (RetNet, arXiv:2307.08621), or a per-token, per-head sigmoid gate (GLA, arXiv:2312.06635).
+    D layers read it too: plain is DeltaNet, retention the same fixed decays, gated Gated DeltaNet's
+    gate (models/delta_net.py)."""
+    delta_conv_size: int = 4
+    """Taps of D layers' short causal convolution on q, k and v (Gated DeltaNet uses 4); under
+    sequence parallelism each piece of the sequence must be at least this minus one tokens long."""
     linear_feature_map: Literal["identity", "elu1", "silu"] = "identity"
-    """Applied to linear layers' q and k: identity (RetNet, GLA), elu+1 (arXiv:2006.16236), silu."""
+    """Applied to L layers' q and k: identity (RetNet, GLA), elu+1 (arXiv:2006.16236), silu (D layers
+    L2-normalise q and k instead)."""
     linear_output_norm: bool = True
-    """Per-head RMSNorm, gains per channel, of the linear layers' output (RetNet's group norm, GLA,
+    """Per-head RMSNorm, gains per channel, of the L and D layers' output (RetNet's group norm, GLA,
     lightning attention)."""
     linear_output_gate: bool = True
-    """Multiply the linear layers' output by silu(x W) before the output projection (RetNet, GLA)."""
+    """Multiply the L and D layers' output by silu(x W) before the output projection (RetNet, GLA)."""
     linear_sp_exchange: Literal["allgather", "scan"] = "allgather"
-    """How linear layers under sp > 1 share their d_k x d_v states (parallel/lasp2.py): allgather
-    (LASP-2: every rank receives all P states) or scan (each rank receives one state from its
+    """How L and D layers under sp > 1 share their states (parallel/lasp2.py, parallel/delta_rule.py):
+    allgather (LASP-2: every rank receives all P states; D layers' (A, B) transition pairs) or scan (each rank receives one state from its
     predecessor per piece it holds and sends one on, whatever P; every sp_method)."""
     init_from: str | None = None
     """A Hugging Face Llama folder (config.json, *.safetensors) whose weights the model starts from,
@@ -68,7 +75,7 @@ class LlamaArgs:
     selective recompute does). Exact either way: the same loss and gradients."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "delta_conv_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.dim % self.n_heads:
@@ -92,7 +99,9 @@ class LlamaArgs:
         softmax = d * (h + 2 * self.kv_heads) * hd + h * hd * d
         linear = (4 if self.linear_output_gate else 3) * d * h * hd + h * hd * d
         linear += (d * h + h if self.linear_decay == "gated" else 0) + (h * hd if self.linear_output_norm else 0)
-        blocks = [ffn_and_norms + (linear if self.mixer(i) == "L" else softmax) for i in range(self.n_layers)]
+        delta = linear + d * h + 3 * h * hd * self.delta_conv_size + (h if self.linear_decay == "gated" else 0)
+        mixers = {"S": softmax, "L": linear, "D": delta}
+        blocks = [ffn_and_norms + mixers[self.mixer(i)] for i in range(self.n_layers)]
         head = d + (0 if self.tie_embeddings else self.vocab_size * d)
         return [self.vocab_size * d, *blocks, head]
 

@@ -13,7 +13,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ithaca.kernels import attention, linear_attention
+from ithaca.kernels import attention, delta_rule, linear_attention
+from ithaca.kernels.causal_conv1d import causal_conv1d
 from ithaca.models.llama_args import KernelChoice
 
 
@@ -45,6 +46,22 @@ class LinearAttend(Protocol):
                  resets: torch.Tensor | None) -> torch.Tensor: ...
 
 
+class DeltaRuleAttend(Protocol):
+    """The causal gated delta rule (ithaca.kernels.delta_rule; scale d_k^-0.5 on q): q, k [b, s, h, d_k],
+    v [b, s, h, d_v], beta [b, s, h] -> [b, s, h, d_v]; `log_decay` None, [h] or [b, s, h];
+    `resets` [b, s] bool drop the state at document starts."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                 log_decay: torch.Tensor | None, resets: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class ShortConv(Protocol):
+    """The causal depthwise convolution along this rank's part of the sequence: x [b, s, c] with
+    weight [c, K] -> [b, s, c]; no window reaches across a document start (`resets` [b, s] bool)."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, *, resets: torch.Tensor | None) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class LocalSoftmaxAttend:
     """SoftmaxAttend on one device through the attention kernel dispatch."""
@@ -65,6 +82,22 @@ class LocalLinearAttend:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, log_decay: torch.Tensor | None,
                  resets: torch.Tensor | None) -> torch.Tensor:
         return linear_attention(q, k, v, log_decay, scale=q.shape[-1] ** -0.5, resets=resets, impl=self.kernels)[0]
+
+
+@dataclass(frozen=True)
+class LocalDeltaRuleAttend:
+    """DeltaRuleAttend on one device through the delta-rule kernel dispatch."""
+
+    kernels: KernelChoice = "auto"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                 log_decay: torch.Tensor | None, resets: torch.Tensor | None) -> torch.Tensor:
+        return delta_rule(q, k, v, beta, log_decay=log_decay, resets=resets, impl=self.kernels)[0]
+
+
+def local_short_conv(x: torch.Tensor, weight: torch.Tensor, *, resets: torch.Tensor | None) -> torch.Tensor:
+    """ShortConv on one device: the whole sequence is here, zeros before it."""
+    return causal_conv1d(x, weight, resets=resets)
 
 
 def recompute(fn: Callable[..., Any], *args: Any) -> Any:

@@ -43,9 +43,16 @@ def canonical_layout(args: LlamaArgs) -> dict[str, ParamLayout]:
         out[p + "attn_norm.weight"] = ParamLayout((d,), None)
         if args.mixer(i) == "S":  # models/llama.py Attention
             out[p + "attn.qkv.weight"] = ParamLayout(((h + 2 * args.kv_heads) * hd, d), 0)
-        else:  # models/linear_attention.py LinearAttention
+        else:  # models/linear_attention.py LinearAttention, models/delta_net.py GatedDeltaNet
+            gated, delta = args.linear_decay == "gated", args.mixer(i) == "D"
+            if delta:  # GatedDeltaNet's own parameters come before its submodules'
+                out[p + "attn.conv_weight"] = ParamLayout((3 * h * hd, args.delta_conv_size), 0, stride=3)
+                if gated:
+                    out[p + "attn.log_rate"] = ParamLayout((h,), 0)
             out[p + "attn.qkv.weight"] = ParamLayout((3 * h * hd, d), 0, stride=3)
-            if args.linear_decay == "gated":
+            if delta:
+                out[p + "attn.beta.weight"] = ParamLayout((h, d), 0)
+            if gated:
                 out[p + "attn.gate.weight"] = ParamLayout((h, d), 0)
                 out[p + "attn.gate.bias"] = ParamLayout((h,), 0)
             if args.linear_output_norm:
@@ -89,7 +96,7 @@ def pipeline_part_name(part: int, name: str, n_layers: int) -> str:
 
 
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
-                "layer_pattern", "linear_decay", "linear_output_norm", "linear_output_gate")
+                "layer_pattern", "linear_decay", "linear_output_norm", "linear_output_gate", "delta_conv_size")
 """The LlamaArgs fields that `canonical_layout` reads: two models whose values agree have the same tensors."""
 
 

@@ -7,8 +7,9 @@
 - pp: with mesh.pp > 1 the model is built as DeepSpeed pipeline stages (parallel/pipeline.py),
   each rank holding only its own stage's parts;
 - sp: every mixer's `attend` is swapped for the sequence-parallel method of its kind: softmax
-  layers get `sp_method` (Ulysses, ring, USP or all-gather K/V), linear layers LASP-2 in the same
-  sequence layout;
+  layers get `sp_method` (Ulysses, ring, USP or all-gather K/V), linear layers LASP-2 and Gated
+  DeltaNet layers `delta_rule_attention` (with the halo exchange for their short convolution), all
+  in the same sequence layout;
 - activation checkpointing is the model's own (`args.activation_checkpointing`);
 - `args.init_from` (a Hugging Face Llama folder): each rank reads only the tensors of its own
   parameters, maps them to our names (models/hf_llama.py) and keeps its tp part (models/state_layout.py),
@@ -26,12 +27,16 @@ from torch import nn
 
 from ithaca.log import get_logger
 from ithaca.models.hf_llama import HFFolder, load_hf_llama
+from ithaca.models.delta_net import GatedDeltaNet
 from ithaca.models.linear_attention import LinearAttention
 from ithaca.models.llama import Attention, Llama
 from ithaca.models.llama_args import KernelChoice, LlamaArgs
-from ithaca.models.mixer import LinearAttend, LocalLinearAttend, LocalSoftmaxAttend, SoftmaxAttend
+from ithaca.models.mixer import (DeltaRuleAttend, LinearAttend, LocalDeltaRuleAttend, LocalLinearAttend,
+                                 LocalSoftmaxAttend, ShortConv, SoftmaxAttend, local_short_conv)
 from ithaca.models.state_layout import canonical_layout, canonical_name, shard
 from ithaca.parallel.allgather_kv import allgather_kv_attention
+from ithaca.parallel.delta_rule import delta_rule_attention
+from ithaca.parallel.halo import sequence_parallel_causal_conv1d
 from ithaca.parallel.lasp2 import Exchange, lasp2_attention
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
@@ -66,15 +71,29 @@ def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto", exchange: 
     return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels, exchange=exchange)
 
 
+def delta_rule_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto",
+                      exchange: Exchange = "allgather") -> tuple[DeltaRuleAttend, ShortConv]:
+    """The delta rule and the short convolution for this mesh: local, or over sp in the mesh's
+    layout (transition pairs all-gathered or states scanned, `exchange`; the conv's halos point to point)."""
+    if mesh.sp == 1:
+        return LocalDeltaRuleAttend(kernels), local_short_conv
+    group = mesh.group("sp")
+    return (partial(delta_rule_attention, group=group, ring=mesh.ring, impl=kernels, exchange=exchange),
+            partial(sequence_parallel_causal_conv1d, group=group, ring=mesh.ring))
+
+
 def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpMethod,
                             kernels: KernelChoice = "auto", exchange: Exchange = "allgather") -> nn.Module:
     """Give every mixer in `model` (a Llama or pipeline stages) the attention of its kind for `mesh`."""
     softmax, linear = softmax_attend(mesh, sp_method, kernels), linear_attend(mesh, kernels, exchange)
+    delta, conv = delta_rule_attend(mesh, kernels, exchange)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = softmax
         elif isinstance(module, LinearAttention):
             module.attend = linear
+        elif isinstance(module, GatedDeltaNet):
+            module.attend, module.conv = delta, conv
     return model
 
 

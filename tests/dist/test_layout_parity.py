@@ -48,7 +48,7 @@ LAYOUTS = {  # name: (dp, tp, sp, extra overrides)
     "dp2xsp2-ring-zero3": (2, 1, 2, ("train.zero_stage=3", "parallel.sp_method=ring")),
 }
 MODEL_KEYS = ("model.", "data.")  # overrides that change the function, so need their own single-process run
-SAME_FUNCTION = ("model.kernels=", "model.activation_checkpointing=")  # ...except what is exact by design
+SAME_FUNCTION = ("model.kernels=", "model.activation_checkpointing=", "model.linear_sp_exchange=")  # ...except what is exact by design
 
 
 def _model_overrides(extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -126,6 +126,13 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     # 10): ring blocks, LASP-2's local part, norms, RoPE, SwiGLU and the loss
     "hybrid-sp2-ring-triton-kernels": ("debug-hybrid-cpu", 1, 1, 2, (
         "parallel.sp_method=ring", "model.kernels=triton", "train.steps=3", f"optim.decay_steps={STEPS}")),
+    # Gated DeltaNet (delta rule, short convolution with its halo exchange) alone and with softmax layers
+    "delta-sp2-selective": ("debug-delta-cpu", 1, 1, 2, ("model.activation_checkpointing=selective",)),
+    "delta-tp2xsp2-ring-scan": ("debug-delta-cpu", 1, 2, 2, ("parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
+    "delta-hybrid-sp2-ring-scan": ("debug-delta-cpu", 1, 1, 2, (
+        "model.layer_pattern=DS", "parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
+    "delta-hybrid-sp4-usp": ("debug-delta-cpu", 1, 1, 4, (
+        "model.layer_pattern=DS", "parallel.sp_method=usp", "parallel.ulysses_degree=2")),
 }
 
 

@@ -45,6 +45,7 @@ def test_shipped_debug_config_loads_with_overrides():
     ("model.n_kv_heads=3", "model", "must divide n_heads"),
     ("model.layer_pattern=LSX", "model", "layer_pattern='LSX': use the letters S .*unknown: X"),
     ("model.layer_pattern=LLS", "model", "its length must divide n_layers=2"),
+    ("model.delta_conv_size=0", "model", "delta_conv_size=0: must be >= 1"),
     ("model.linear_decay=cosine", "model.linear_decay", "choose one of 'plain', 'retention', 'gated'"),
     ("steps=3", "--set", "section.key=value"),
     ("data.mixture=[a, b]", "data.mixture", "expected a mapping of str to float"),
@@ -60,6 +61,13 @@ def test_bad_values_name_their_field_and_fix(override, field, fix):
 def test_sequence_length_must_split_over_sp():
     with pytest.raises(ConfigError, match=r"^data.seq_len=127: must be divisible by 2 \(sp=2, sp_method=ulysses\)"):
         load("parallel.sp=2", "parallel.dp=1", "data.seq_len=127")
+
+
+def test_delta_layers_need_pieces_as_long_as_their_convolution_reads_back():
+    with pytest.raises(ConfigError, match=r"^data.seq_len=8: cuts pieces of 2 tokens \(sp=4, sp_method=ulysses\), "
+                                          r"shorter than the 3 tokens D layers' convolution reads"):
+        load("model.layer_pattern=DS", "parallel.sp=4", "parallel.dp=1", "data.seq_len=8")
+    load("model.layer_pattern=DS", "parallel.sp=4", "parallel.dp=1", "data.seq_len=12")  # pieces of 3: enough
 
 
 def test_kv_heads_that_can_be_neither_split_nor_repeated_over_sp():

@@ -53,7 +53,9 @@ def _built_part_sizes(variants: dict[str, dict]) -> dict[str, tuple[list[int], l
 def test_part_parameters_count_what_the_model_builds():
     variants = {"hybrid": {}, "gated-no-gate-or-norm": {"linear_decay": "gated", "linear_output_gate": False,
                                                         "linear_output_norm": False},
-                "llama-tied-gqa": {"layer_pattern": "S", "tie_embeddings": True}}
+                "llama-tied-gqa": {"layer_pattern": "S", "tie_embeddings": True},
+                "delta-gated-hybrid": {"layer_pattern": "DS", "linear_decay": "gated"},
+                "delta-plain-no-gate": {"layer_pattern": "D", "linear_decay": "plain", "linear_output_gate": False}}
     ((sizes),) = run_ranks(_built_part_sizes, 1, variants)
     for name, (counted, built) in sizes.items():
         assert counted == built, name

@@ -136,7 +136,9 @@ def _built_layout(args: LlamaArgs) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("extra", [{}, {"layer_pattern": "LS", "linear_decay": "gated", "n_kv_heads": None},
-                                   {"layer_pattern": "L", "linear_output_norm": False, "tie_embeddings": True}])
+                                   {"layer_pattern": "L", "linear_output_norm": False, "tie_embeddings": True},
+                                   {"layer_pattern": "DS", "linear_decay": "gated", "n_kv_heads": None},
+                                   {"layer_pattern": "LD", "linear_decay": "plain", "delta_conv_size": 2}])
 def test_layout_table_is_the_models(extra):
     """models/state_layout.py's table: the model's names in its order, shapes and megatron-core's splits."""
     args = LlamaArgs(**{**ARCH, **extra})
