@@ -12,7 +12,7 @@ once a document starts in the piece). The state entering piece p is the prefix i
 and each piece's output is `delta_rule` on the piece from S_p. Unlike LASP-2's memories, a
 delta-rule piece's output is not its zero-start output plus a cheap correction, so the local output
 waits for its entering state; and each piece's chunk factors are computed twice, once for (A, B)
-and once for the output (one pass giving both is the local kernel's job, issue #15). Two exchanges
+and once for the output (a local pass giving both is not written yet). Two exchanges
 form S_p:
 
   allgather  one all-gather of every piece's (A_p, B_p); each rank composes the pieces before its

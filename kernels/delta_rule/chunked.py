@@ -35,7 +35,7 @@ sequence with a reset anywhere has A = 0.
 
 Cost per chunk and head: O(C^2 (d_k + d_v)) for the substitution and the scores, O(C d_k d_v) for
 the state, O(C^2) memory.
-Backward is autograd through these ops (solve_triangular included); the Triton kernel is #15's.
+Backward is autograd through these ops (solve_triangular included); triton.py has its own.
 """
 
 from __future__ import annotations

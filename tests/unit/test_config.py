@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ithaca import configs
 from ithaca.launcher.config import ConfigError
 from ithaca.launcher.config_load import load_config
+
+
+CONFIG_DIR = Path(configs.__file__).parent
 
 
 def load(*overrides: str):
@@ -139,3 +145,8 @@ def test_a_pipeline_split_loads_and_round_trips_to_yaml():
     assert cfg.parallel.pp_split == (1, 3)
     assert yaml.safe_load(yaml.safe_dump(cfg.to_dict()))["parallel"]["pp_split"] == [1, 3]
 
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    load_config(name)  # the model, parallel and data checks all run in the dataclasses
