@@ -2,18 +2,22 @@
 pairs all-gathered, or only the states scanned point to point (issue #15).
 
 Each rank holds whole pieces of the sequence (`piece_order`: one piece contiguous, two under ring
-attention's zigzag layout). The delta rule is affine in the state it receives: a piece p takes
-S_in to S_out = A_p S_in + B_p, with A_p [d_k, d_k] and B_p [d_k, d_v] computed from the piece
-alone by `delta_rule_transition` (kernels/delta_rule/chunked.py derives them; A_p is exactly zero
-once a document starts in the piece). The state entering piece p is the prefix in sequence order
+attention's zigzag layout). The delta rule is affine in the state it receives, and each column of
+the state evolves alone (a key mixes a column's rows, never two columns). So one `delta_rule` call on a piece with value
+columns [V | 0] from the state [0 | I] (d_v + d_k columns) gives everything the piece needs:
+
+    outputs   [O_0 | R]   O_0 the piece's output from a zero state, R [C, d_k] how its outputs
+                          read the entering state: o = O_0 + R S_in
+    final     [B | A]     the transition S_out = A S_in + B (A exactly zero once a document
+                          starts in the piece)
+
+The state entering piece p is the prefix in sequence order
 
     S_0 = 0,   S_{p+1} = A_p S_p + B_p,
 
-and each piece's output is `delta_rule` on the piece from S_p. Unlike LASP-2's memories, a
-delta-rule piece's output is not its zero-start output plus a cheap correction, so the local output
-waits for its entering state; and each piece's chunk factors are computed twice, once for (A, B)
-and once for the output (a local pass giving both is not written yet). Two exchanges
-form S_p:
+and the piece's output is O_0 + R S_p: the chunk factors are computed once, before any
+communication, and what waits for the exchange is one [C, d_k] x [d_k, d_v] product. The
+local pass costs one chunked delta rule on d_v + d_k value columns. Two exchanges form S_p:
 
   allgather  one all-gather of every piece's (A_p, B_p); each rank composes the pieces before its
              own. Backward is autograd through the composition; the all-gather's backward (one
@@ -26,7 +30,8 @@ form S_p:
              and direction a rank sends one b * h * d_k * d_v fp32 state per piece whose
              neighbour in the sequence is on another rank (at most 2 per piece, 1 at P = 2
              contiguous), whatever P. The price is latency: the chain visits the pieces one
-             after another (2P hops zigzag) before the last rank's outputs can start.
+             after another (2P hops zigzag), each hop a d_k x d_k by d_k x d_v product,
+             before the last piece's correction R S_p can be added.
 
 Neither depends on the sequence length.
 """
@@ -38,7 +43,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from ithaca.kernels.delta_rule import DeltaRuleImpl, delta_rule, delta_rule_transition
+from ithaca.kernels.delta_rule import DeltaRuleImpl, delta_rule
 from ithaca.kernels.linear_attention import check_linear_attention_inputs
 from ithaca.parallel.gather import gather_states
 from ithaca.parallel.sequence_layout import piece_order
@@ -55,6 +60,22 @@ def _entering_state(a: torch.Tensor, b: torch.Tensor, piece: int) -> torch.Tenso
     for p in range(piece):
         state = a[p] @ state + b[p]  # S_{p+1} = A_p S_p + B_p
     return state
+
+
+def _local_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                log_decay: torch.Tensor | None, scale: float | None, resets: torch.Tensor | None,
+                impl: DeltaRuleImpl) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One piece alone (module docstring) -> (O_0 [b, C, h, d_v] and R [b, C, h, d_k] in q's dtype,
+    A [b, h, d_k, d_k] and B [b, h, d_k, d_v] fp32), from one delta_rule call on d_v + d_k columns."""
+    b, c, h, d_k = k.shape
+    d_v = v.shape[-1]
+    identity = torch.eye(d_k, device=k.device).expand(b, h, d_k, d_k)
+    start = torch.cat([identity.new_zeros(b, h, d_k, d_v), identity], dim=-1)  # [0 | I]
+    out, final = delta_rule(q, k, torch.cat([v, v.new_zeros(b, c, h, d_k)], dim=-1), beta, log_decay=log_decay,
+                            scale=scale, resets=resets, initial_state=start, output_final_state=True, impl=impl)
+    zero_start, reads = out.split([d_v, d_k], dim=-1)
+    offset, transition = final.split([d_v, d_k], dim=-1)
+    return zero_start, reads, transition, offset
 
 
 def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -99,23 +120,22 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         """This piece of a per-token tensor; None and a per-head [h] decay pass whole."""
         return t if t is None or t.dim() == 1 else t[:, part]
 
-    pairs = [delta_rule_transition(k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
-                                   resets=piece(resets, part), impl=impl) for part in parts]
+    passes = [_local_pass(q[:, part], k[:, part], v[:, part], beta[:, part], piece(log_decay, part), scale,
+                          piece(resets, part), impl) for part in parts]
     if exchange == "scan":
         plan = ScanPlan.of_layout(sp_rank=rank, sp=world, ring=ring, d_v=v.shape[-1])
-        offsets = torch.stack([b for _, b in pairs])  # B_p [pieces, b, h, d_k, d_v]: the memories
-        transitions = torch.stack([a for a, _ in pairs])  # A_p [pieces, b, h, d_k, d_k]: matrix carries
+        offsets = torch.stack([p[3] for p in passes])  # B_p [pieces, b, h, d_k, d_v]: the memories
+        transitions = torch.stack([p[2] for p in passes])  # A_p [pieces, b, h, d_k, d_k]: matrix carries
         # every rank's scan stays in the graph, piece 0's zero state too: its backward passes the gradient on
         entering = list(scan_states(offsets, transitions, PendingScan(offsets, group, plan), group))
     else:
-        packs = torch.stack([torch.cat(pair, dim=-1) for pair in pairs])  # [pieces, b, h, d_k, d_k + d_v]
+        packs = torch.stack([torch.cat([p[2], p[3]], dim=-1) for p in passes])  # [pieces, b, h, d_k, d_k + d_v]
         gathered = gather_states(packs, group)  # [P, pieces per rank, b, h, d_k, d_k + d_v]
         order = [piece_order(sp_rank=r, sp=world, ring=ring)[0] for r in range(world)]
         position = {p: (r, i) for r, pieces in enumerate(order) for i, p in enumerate(pieces)}
         in_order = torch.stack([gathered[position[p]] for p in range(n_pieces)])  # [n, b, h, d_k, d_k + d_v]
         a, b = in_order.split([d_k, v.shape[-1]], dim=-1)
         entering = [_entering_state(a, b, p) for p in mine]
-    outs = [delta_rule(q[:, part], k[:, part], v[:, part], beta[:, part], log_decay=piece(log_decay, part),
-                       scale=scale, resets=piece(resets, part), initial_state=state, impl=impl)[0]
-            for state, part in zip(entering, parts)]
-    return torch.cat(outs, dim=1)
+    outs = [zero_start.float() + torch.einsum("bshk,bhkv->bshv", reads.float(), state)
+            for (zero_start, reads, _, _), state in zip(passes, entering)]
+    return torch.cat(outs, dim=1).to(q.dtype)
