@@ -127,7 +127,7 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     "hybrid-sp2-ring-triton-kernels": ("debug-hybrid-cpu", 1, 1, 2, (
         "parallel.sp_method=ring", "model.kernels=triton", "train.steps=3", f"optim.decay_steps={STEPS}")),
     # Gated DeltaNet (delta rule, short convolution with its halo exchange) alone and with softmax layers
-    "delta-sp2-selective": ("debug-delta-cpu", 1, 1, 2, ("model.activation_checkpointing=selective",)),
+    "delta-sp4-selective": ("debug-delta-cpu", 1, 1, 4, ("model.activation_checkpointing=selective",)),
     "delta-tp2xsp2-ring-scan": ("debug-delta-cpu", 1, 2, 2, ("parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
     "delta-hybrid-sp2-ring-scan": ("debug-delta-cpu", 1, 1, 2, (
         "model.layer_pattern=DS", "parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
