@@ -8,7 +8,8 @@ recorded instead of run (Triton is not in interpreter mode here), in bf16 and fp
 without documents, resets, residual, decay kinds; each distinct (kernel, argument types,
 constexprs, warps, stages) is then compiled for the target. The launch settings are the GPU ones
 (the launchers pick small tiles only under TRITON_INTERPRET=1). Prints a row per compiled kernel;
-exits 1 if any fails to compile or needs more shared memory than the architecture has.
+exits 1 if any fails to compile or needs more shared memory than the architecture has, or if two
+modules' kernels share a name (a row, the test's list and a GPU profile name a kernel by it alone).
 
 What it cannot tell: speed, register spills' cost, or numerics on the device (bench/gpu_check.sh).
 The triton here may be newer than a GPU machine's (the lent H100 has 3.6).
@@ -60,6 +61,8 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
 def exercise(dtype: torch.dtype) -> None:
     """Every op's Triton path, forward and backward, in the variants its kernels specialize on."""
     from ithaca.kernels.attention.triton import attention_lse_bwd_triton, attention_lse_fwd_triton
+    from ithaca.kernels.delta_rule import MAX_DK
+    from ithaca.kernels.delta_rule.triton import delta_rule_transition_triton, delta_rule_triton
     from ithaca.kernels.linear_attention.triton import linear_attention_triton
     from ithaca.kernels.linear_cross_entropy.chunked import linear_cross_entropy_blocked
     from ithaca.kernels.linear_cross_entropy.triton import TRITON_STEPS
@@ -97,6 +100,17 @@ def exercise(dtype: torch.dtype) -> None:
                       torch.full((1, s, 4), -0.05, requires_grad=True)):
         out, final = linear_attention_triton(lq, lk, lv, log_decay, scale=0.1, initial_state=None, resets=resets)
         (out.float().sum() + final.sum()).backward()
+    # The delta rule holds a whole key per program, so its tiles grow with d_k: bf16 at the models' 128, and fp32
+    # at MAX_DK, whose IEEE dots need the most shared memory of any case (184 KiB of 227 in _delta_chunk_bwd).
+    # The two other pairings compile too (checked once; they would double this script's time).
+    d_k = 128 if dtype == torch.bfloat16 else MAX_DK
+    delta_q, delta_k, delta_v, beta = rand(1, s, 2, d_k), rand(1, s, 2, d_k), rand(1, s, 2, 128), rand(1, s, 2)
+    gates = torch.full((1, s, 2), -0.05, requires_grad=True)
+    out, final = delta_rule_triton(delta_q, delta_k, delta_v, beta, log_decay=gates, scale=0.1, resets=resets,
+                                   initial_state=torch.zeros(1, 2, d_k, 128, requires_grad=True))
+    (out.float().sum() + final.sum()).backward()
+    a, b = delta_rule_transition_triton(delta_k, delta_v, beta, log_decay=gates, resets=resets)  # no output pass
+    (a.sum() + b.sum()).backward()
 
 
 def signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
@@ -156,6 +170,12 @@ def main() -> None:
     launches = record_launches()
     for dtype in (torch.bfloat16, torch.float32):
         exercise(dtype)
+    modules: dict[str, set[str]] = {}
+    for fn, _, _ in launches:
+        modules.setdefault(fn.__name__, set()).add(fn.__module__)
+    clashes = {name: sorted(where) for name, where in modules.items() if len(where) > 1}
+    if clashes:  # rows, tests and GPU profiles name a kernel by its function name alone
+        sys.exit(f"compile_kernels: kernels share a name across modules, rename one of each: {clashes}")
     unique = {}
     for fn, call_args, kwargs in launches:
         types, constexprs, options = signature(fn, call_args, kwargs)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from bench.timing import Candidate
 from ithaca.kernels.attention import attention
+from ithaca.kernels.delta_rule import CHUNK as DELTA_CHUNK
+from ithaca.kernels.delta_rule import delta_rule
 from ithaca.kernels.linear_attention import linear_attention
 from ithaca.kernels.linear_attention.chunked import linear_attention_chunked
 from ithaca.kernels.linear_cross_entropy import linear_cross_entropy
@@ -24,12 +26,15 @@ from ithaca.kernels.swiglu import swiglu
 from ithaca.kernels.swiglu.reference import swiglu_reference
 from ithaca.models.linear_attention import retention_log_decay
 
-OPS = ("attention", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "linear_attention")
+OPS = ("attention", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "linear_attention", "delta_rule")
 EPS, THETA = 1e-5, 10000.0
 LINEAR_CHUNK = 64
 """Chunk length in the linear-attention FLOP count: our chunked and Triton paths' and fla's."""
 COMPILE_MAX_CHUNKS = 16
 """Longest chunked linear attention (in chunks) handed to torch.compile; see the module docstring."""
+DELTA_REFERENCE_MAX_TOKENS = 1024
+"""Longest delta rule handed to its token recurrence (impl="reference"): one step per token, and its
+backward keeps every step's [h, d_k, d_v] fp32 state (1 MiB a token at the CUDA sizes)."""
 GATE_SCALE = 1 / 16
 """Gated decays are logsigmoid(logit) / 16, as models/linear_attention.py makes them."""
 FLA_GLA = "fla chunk_gla [head gate on every channel]"
@@ -352,6 +357,42 @@ def linear_attention_jobs(s: int, env: Env, gated: bool) -> list[Job]:
     return _jobs(op, f"s={s} h={h} d={d}", impls, inputs, (dout,), fwd, 3 * fwd, "flop", forward_alone=True)
 
 
+# ---- delta rule --------------------------------------------------------------------------------
+
+def delta_rule_jobs(s: int, env: Env) -> list[Job]:
+    """Gated DeltaNet's inputs: L2-normalised keys, beta = sigmoid(x), per-token gates, all with gradient.
+
+    fla's chunk_gated_delta_rule is called in the same [B, T, H, K] layout with log-space gates
+    g (its recurrence decays the state before the delta, as ours), our scale and a final state
+    returned; keys normalised here, not in its kernel (use_qk_l2norm_in_kernel off).
+    """
+    z = env.sizes
+    h, d = z.heads, z.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q, v = (_randn(1, s, h, d, env=env, gen=gen) for _ in range(2))
+    k = F.normalize(torch.randn(1, s, h, d, generator=gen), dim=-1).to(env.device, env.dtype).requires_grad_()
+    beta = torch.sigmoid(torch.randn(1, s, h, generator=gen)).to(env.device, env.dtype).requires_grad_()
+    log_decay = (F.logsigmoid(torch.randn(1, s, h, generator=gen)) * GATE_SCALE).to(env.device).requires_grad_()
+    dout = _randn(1, s, h, d, env=env, gen=gen, grad=False)
+    scale = d ** -0.5
+
+    def ours(impl: str) -> Callable[[], torch.Tensor]:
+        return lambda: delta_rule(q, k, v, beta, log_decay=log_decay, scale=scale, impl=impl)[0]
+
+    impls = [Candidate(f"ours [{env.ours}]", ours(env.ours)),
+             Candidate("eager [ours, impl=chunked]", ours("chunked"))]
+    if s <= DELTA_REFERENCE_MAX_TOKENS:
+        impls.append(Candidate("eager [ours, impl=reference]", ours("reference")))
+    else:
+        impls.append(Candidate("eager [ours, impl=reference]", skip=f"not attempted: the token recurrence takes s={s} "
+                               f"sequential steps (tried up to {DELTA_REFERENCE_MAX_TOKENS})"))
+    impls.append(_peer("fla chunk_gated_delta_rule", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                       lambda f: f(q, k, v, g=log_decay, beta=beta, scale=scale, output_final_state=True)[0], env))
+    fwd = s * h * (2 * DELTA_CHUNK * (3 * d + 2 * d) + 6 * d * d)
+    return _jobs("delta_rule, gated", f"s={s} h={h} d={d}", impls, (q, k, v, beta, log_decay), (dout,), fwd, 3 * fwd,
+                 "flop", forward_alone=True)
+
+
 def jobs_for(op: str, s: int, env: Env) -> list[Job]:
     if op == "attention":
         return attention_jobs(s, env, with_docs=False) + attention_jobs(s, env, with_docs=True)
@@ -363,4 +404,6 @@ def jobs_for(op: str, s: int, env: Env) -> list[Job]:
         return swiglu_jobs(s, env)
     if op == "linear_cross_entropy":
         return linear_cross_entropy_jobs(s, env)
+    if op == "delta_rule":
+        return delta_rule_jobs(s, env)
     return linear_attention_jobs(s, env, gated=False) + linear_attention_jobs(s, env, gated=True)

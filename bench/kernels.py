@@ -13,8 +13,10 @@ is sampled once. Batch 1, bf16 on CUDA, fp32 on the CPU. Candidates:
             often run the same code
   eager     attention: F.scaled_dot_product_attention (no document mask), our tiled online
             softmax (impl="tiled") with documents; rms_norm, rope, swiglu: their reference.py;
-            linear CE: F.cross_entropy((h @ W.T).float(), labels); linear attention: the
-            chunked PyTorch form (impl="chunked")
+            linear CE: F.cross_entropy((h @ W.T).float(), labels); linear attention and the
+            delta rule: the chunked PyTorch form (impl="chunked"); the delta rule also its
+            token recurrence (impl="reference") up to 1024 tokens, so the CPU run sets the
+            chunked form against the spec
   compile   torch.compile(dynamic=False) of the eager form, with two exceptions. With documents
             it is flex_attention with a document block mask: the tiled form syncs with the host
             per tile, which dynamo cannot trace into one graph. Linear attention is compiled up
@@ -22,12 +24,15 @@ is sampled once. Batch 1, bf16 on CUDA, fp32 on the CPU. Candidates:
             form's loop, one body per chunk, and compile time grows with them. On the CPU a
             compile that fails prints "skipped: compile failed on the CPU: <error>"
             (flex_attention has no CPU backward); --no-compile leaves compilation out (inductor
-            builds C++ on the CPU: about 25 s of the default CPU run with a cold cache)
+            builds C++ on the CPU: about 25 s of the default CPU run with a cold cache). The
+            delta rule has none: its chunked form loops over chunks as linear attention's does,
+            so under the same 16-chunk cap it would run only at the CPU's toy sizes
   peers     flash-attn 2 (flash_attn_func; flash_attn_varlen_func with documents), liger-kernel
             (rms_norm, fused add + rms_norm, rope, swiglu, fused linear cross-entropy),
-            cut-cross-entropy, fla (chunk_retention, chunk_simple_gla, chunk_gla); each called
-            with our semantics (see the functions below); a peer that is not importable, or
-            off CUDA, prints "skipped: <why>"
+            cut-cross-entropy, fla (chunk_retention, chunk_simple_gla, chunk_gla,
+            chunk_gated_delta_rule); each called with our semantics (see the functions in
+            bench/kernel_jobs.py); a peer that is not importable, or off CUDA, prints
+            "skipped: <why>"
 
 Work per call (b = 1; e = bytes per element; fwd+bwd counts the useful work, not recomputation):
 
@@ -37,6 +42,12 @@ Work per call (b = 1; e = bytes per element; fwd+bwd counts the useful work, not
   linear attention    fwd s*h*(2*C*(d_k + d_v) + 4*d_k*d_v) FLOPs, C = 64 (within-chunk scores
                       and their product with v counted as full C x C blocks, as chunked kernels
                       compute them; the state read and the state update); fwd+bwd 3x fwd
+  delta rule          fwd s*h*(2*C*(3*d_k + 2*d_v) + 6*d_k*d_v) FLOPs, C = 64 (fla's chunk and
+                      our chunked path's; our Triton kernels' chunk is 32, which does less
+                      within-chunk work, but the count is one for all): within the chunk K K^T,
+                      the UT transform's T applied to K and V, Q K^T and its product with the
+                      deltas; per token the state read for the deltas, for the output and the
+                      state update; fwd+bwd 3x fwd
   linear CE           fwd 2*n*V*d FLOPs; fwd+bwd 6*n*V*d (dhidden and dweight are two more matmuls)
   rms_norm            fwd+bwd 5*n*D*e bytes: read x, write y; read x and dy, write dx
   rms_norm+residual   fwd+bwd 8*n*D*e: read x and r, write y and s; read dy, ds and s, write dx

@@ -7,28 +7,28 @@ chunked.py's, whose docstring derives it with resets. Per (batch row, head) the 
 into chunks of BT tokens (32 on a GPU, where 64 overflows shared memory: see _blocks; 16 under
 the interpreter, so tests cross chunks); the last chunk may be shorter and is masked. Torch
 prepares g (the inclusive cumsum of log_decay inside each chunk) and seg (the cumsum of resets
-along s), and the masks of linear_attention/triton.py's `_chunk` (shared, so the two ops read
-resets identically) give, for chunk c with last token L:
+along s), and the masks of triton_common.chunk_weights (shared with linear_attention, so the two
+ops read resets identically) give, for chunk c with last token L:
 
     r_i  = reach_i,  e_j = end_j,  keep = carry,  D_ij (j <= i, same document)    (chunked.py's names)
     L_ij = beta_i D_ij (k_i . k_j) for j < i,   T = (I + L)^-1 (unit lower triangular)
     W = T diag(beta r) K [BT, d_k],   U0 = T diag(beta) V [BT, d_v]
 
 Forward, S [d_k, d_v] fp32 per (b, h):
-  (a) _prepare_fwd, grid (chunks, b*h): T by forward substitution (BT rows, T_i = e_i - sum_j L_ij T_j),
-      then W and U0, stored fp32 per token.
-  (b) _state_fwd, grid (d_v blocks, b*h), serial over chunks; column blocks of S are independent
+  (a) _delta_prepare_fwd, grid (chunks, b*h): T by forward substitution (BT rows,
+      T_i = e_i - sum_j L_ij T_j), then W and U0, stored fp32 per token.
+  (b) _delta_state_fwd, grid (d_v blocks, b*h), serial over chunks; column blocks of S are independent
       because everything acts on S from the d_k side:
         U_c = U0 - W S_c  (the deltas),   S_{c+1} = keep S_c + (diag(e) K)^T U_c
       stores each chunk's incoming S_c into [b, h, NT, d_k, d_v], U into [b, s, h, d_v], the final S.
-  (c) _output_fwd, grid (chunks, d_v blocks, b*h):
+  (c) _delta_output_fwd, grid (chunks, d_v blocks, b*h):
         O = scale diag(r) Q S_c + P U,   P = scale (Q K^T) * D
 
 Backward, from dO and dS_NT (the final state's gradient; zeros if it has none):
-  (d) _state_bwd, grid (d_v blocks, b*h), chunks in reverse, dS' the gradient of the state leaving chunk c:
+  (d) _delta_state_bwd, grid (d_v blocks, b*h), chunks in reverse; dS', the gradient of the state leaving chunk c:
         dU = P^T dO + diag(e) K dS',   dS_c = keep dS' + scale Q^T diag(r) dO - W^T dU
       stores dS' per chunk, dU per token, and d initial_state = dS_0.
-  (e) _chunk_bwd, grid (chunks, b*h), looping over d_v blocks for the sums over d_v:
+  (e) _delta_chunk_bwd, grid (chunks, b*h), looping over d_v blocks for the sums over d_v:
         dW = -dU S_c^T,  dT = dU (diag(beta) V)^T + dW (diag(beta r) K)^T,  dL = -T^T dT T^T (strict lower)
         dV = diag(beta) T^T dU,   dK_b = T^T dW (through W's diag(beta r) K)
         dQ = scale diag(r) dO S_c^T + dP~ K,   dP~ = scale (dO U^T) * D
@@ -52,7 +52,8 @@ bf16/fp16 inputs on a GPU (triton_common.exact_dots). Outputs and dq, dk, dv com
 inputs' dtypes; the final state fp32.
 Names follow fla: p_ pointers, b_ blocks, o_ offsets, m_ masks, CAPS constexprs.
 Never run on a GPU yet: tested under TRITON_INTERPRET=1, and compiled for sm_90 (d_k 64, 128, 256;
-bf16 and fp32) within its shared memory, without a device.
+bf16 and fp32) within its shared memory, without a device; tests/kernels/test_compile_for_gpu.py
+keeps bf16 at d_k=128 and fp32 at d_k=256 (the most shared memory: 184 KiB in _delta_chunk_bwd).
 """
 
 from __future__ import annotations
@@ -65,19 +66,20 @@ from ithaca.kernels._alloc import new_output
 from ithaca.kernels._backend import interpreting
 from ithaca.kernels.delta_rule import MAX_DK
 from ithaca.kernels.linear_attention.reference import expand_log_decay
-from ithaca.kernels.linear_attention.triton import _chunk, _chunk_cumsum, _state, _tokens
-from ithaca.kernels.triton_common import block_size, dot, exact_dots
+from ithaca.kernels.triton_common import (block_size, chunk_cumsum, chunk_weights, dot, exact_dots, segment_ids,
+                                           state_pointers, token_pointers)
+
 
 @triton.jit
 def _load_tokens(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D):
     """A [BT, BD] block of a contiguous [b, s, h, D] tensor as fp32, zeros outside the masks."""
-    p_x, m_x = _tokens(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D)
+    p_x, m_x = token_pointers(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D)
     return tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_tokens(x, b_x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D):
-    p_x, m_x = _tokens(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D)
+    p_x, m_x = token_pointers(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D)
     tl.store(p_x, b_x.to(x.dtype.element_ty), mask=m_x)
 
 
@@ -97,12 +99,12 @@ def _solve(b_k, b_beta, b_d, BT: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _prepare_fwd(k, v, beta, g, seg, w, u0, S, H, DK, DV,
-                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _delta_prepare_fwd(k, v, beta, g, seg, w, u0, S, H, DK, DV,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
     """(a) One chunk's W [BT, DK] and U0 [BT, DV] (fp32, per token) from its solve."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_e, b_keep, b_d = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_e, b_keep, b_d = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
     b_k = _load_tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)  # [BT, BK]
@@ -118,41 +120,41 @@ def _prepare_fwd(k, v, beta, g, seg, w, u0, S, H, DK, DV,
 
 
 @triton.jit
-def _state_fwd(k, w, u0, g, seg, h0, h, u, ht, S, H, DK, DV, NT,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _delta_state_fwd(k, w, u0, g, seg, h0, h, u, ht, S, H, DK, DV, NT,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
     """(b) Serial over chunks: incoming states into h [b, h, NT, DK, DV], deltas U into u, final state into ht."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
-    p_h0, m_h = _state(h0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_h0, m_h = state_pointers(h0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     b_h = tl.load(p_h0, mask=m_h, other=0.0)  # [BK, BV]
     for i_t in range(NT):
-        p_h, _ = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_h, _ = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         tl.store(p_h, b_h, mask=m_h)
-        o_t, m_t, b_r, b_e, b_keep, b_d = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+        o_t, m_t, b_r, b_e, b_keep, b_d = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
         b_k = _load_tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)  # [BT, BK]
         b_w = _load_tokens(w, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)  # [BT, BK]
         b_u = _load_tokens(u0, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV) - dot(b_w, b_h, EXACT)  # [BT, BV]
         _store_tokens(u, b_u, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_h = b_h * b_keep + dot(tl.trans(b_k * b_e[:, None]), b_u, EXACT)
-    p_ht, _ = _state(ht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_ht, _ = state_pointers(ht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     tl.store(p_ht, b_h, mask=m_h)
 
 
 @triton.jit
-def _output_fwd(q, k, u, g, seg, h, o, scale, S, H, DK, DV, NT,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _delta_output_fwd(q, k, u, g, seg, h, o, scale, S, H, DK, DV, NT,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
     """(c) One chunk's outputs for one d_v block: the incoming state's part plus the deltas' within-chunk part."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_e, b_keep, b_d = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_e, b_keep, b_d = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
     b_q = _load_tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
     b_k = _load_tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
     b_u = _load_tokens(u, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
-    p_h, m_h = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+    p_h, m_h = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
     b_h = tl.load(p_h, mask=m_h, other=0.0)
     b_p = dot(b_q, tl.trans(b_k), EXACT) * b_d  # [BT, BT]
     b_o = (dot(b_q, b_h, EXACT) * b_r[:, None] + dot(b_p, b_u, EXACT)) * scale
@@ -160,20 +162,20 @@ def _output_fwd(q, k, u, g, seg, h, o, scale, S, H, DK, DV, NT,
 
 
 @triton.jit
-def _state_bwd(q, k, w, do, g, seg, dht, dh, du, dh0, scale, S, H, DK, DV, NT,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _delta_state_bwd(q, k, w, do, g, seg, dht, dh, du, dh0, scale, S, H, DK, DV, NT,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
     """(d) Chunks in reverse: dh[b, h, c] = dS', the gradient of the state leaving chunk c; dU per token; dh0."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
-    p_dht, m_h = _state(dht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_dht, m_h = state_pointers(dht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     b_dh = tl.load(p_dht, mask=m_h, other=0.0)  # [BK, BV]
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        p_dh, _ = _state(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_dh, _ = state_pointers(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         tl.store(p_dh, b_dh, mask=m_h)
-        o_t, m_t, b_r, b_e, b_keep, b_d = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+        o_t, m_t, b_r, b_e, b_keep, b_d = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
         b_q = _load_tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
         b_k = _load_tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
         b_w = _load_tokens(w, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
@@ -183,17 +185,17 @@ def _state_bwd(q, k, w, do, g, seg, dht, dh, du, dh0, scale, S, H, DK, DV, NT,
         _store_tokens(du, b_du, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_dh = (b_dh * b_keep + dot(tl.trans(b_q * (b_r * scale)[:, None]), b_do, EXACT)
                 - dot(tl.trans(b_w), b_du, EXACT))
-    p_dh0, _ = _state(dh0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_dh0, _ = state_pointers(dh0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     tl.store(p_dh0, b_dh, mask=m_h)
 
 
 @triton.jit
-def _chunk_bwd(q, k, v, beta, g, seg, h, dh, u, du, do, dq, dk, dv, dbeta, dg, scale, S, H, DK, DV, NT,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _delta_chunk_bwd(q, k, v, beta, g, seg, h, dh, u, du, do, dq, dk, dv, dbeta, dg, scale, S, H, DK, DV, NT,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
     """(e) One chunk's dq, dk, dv, dbeta and dg (the chunk-local g's gradient), fp32 per token."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_e, b_keep, b_d = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_e, b_keep, b_d = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
     b_q = _load_tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)  # [BT, BK]
@@ -215,8 +217,8 @@ def _chunk_bwd(q, k, v, beta, g, seg, h, dh, u, du, do, dq, dk, dv, dbeta, dg, s
         b_u = _load_tokens(u, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_du = _load_tokens(du, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_do = _load_tokens(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
-        p_h, m_h = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
-        p_dh, _ = _state(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_h, m_h = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_dh, _ = state_pointers(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         b_h = tl.load(p_h, mask=m_h, other=0.0)  # [BK, BV]
         b_dh = tl.load(p_dh, mask=m_h, other=0.0)  # [BK, BV]
         b_dos += dot(b_do, tl.trans(b_h), EXACT)
@@ -258,8 +260,8 @@ def _chunk_bwd(q, k, v, beta, g, seg, h, dh, u, du, do, dq, dk, dv, dbeta, dg, s
 def _blocks(d_k: int, d_v: int) -> dict:
     """Chunk and block sizes: small under the interpreter, so tests cross chunks and d_v blocks.
     Keys are always one block (BK covers d_k). On a GPU, BT=32 and one stage: compiled for sm_90,
-    _chunk_bwd needs 272 KiB of shared memory at BT=64, d_k=128, bf16 (an SM has 227 KiB) and
-    104 KiB at BT=32 fp32; with 3 stages _state_fwd at d_k=256 needs 321 KiB."""
+    _delta_chunk_bwd needs 272 KiB of shared memory at BT=64, d_k=128, bf16 (an SM has 227 KiB) and
+    104 KiB at BT=32 fp32; with 3 stages _delta_state_fwd at d_k=256 needs 321 KiB."""
     if interpreting():
         return dict(BT=16, BK=block_size(d_k, hi=MAX_DK), BV=16)
     return dict(BT=32, BK=block_size(d_k, hi=MAX_DK), BV=block_size(d_v, hi=64), num_warps=4, num_stages=1)
@@ -272,11 +274,11 @@ def _forward_states(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: tor
     d_v, nt, exact = v.shape[-1], triton.cdiv(s, blocks["BT"]), exact_dots(k.dtype)
     w = new_output(k.shape, k, torch.float32)
     u0, u = new_output(v.shape, v, torch.float32), new_output(v.shape, v, torch.float32)
-    _prepare_fwd[(nt, b * h)](k, v, beta, g, seg, w, u0, s, h, d_k, d_v, EXACT=exact, **blocks)
+    _delta_prepare_fwd[(nt, b * h)](k, v, beta, g, seg, w, u0, s, h, d_k, d_v, EXACT=exact, **blocks)
     states = new_output((b, h, nt, d_k, d_v), k, torch.float32)
     final = new_output((b, h, d_k, d_v), k, torch.float32)
-    _state_fwd[(triton.cdiv(d_v, blocks["BV"]), b * h)](k, w, u0, g, seg, h0, states, u, final, s, h, d_k, d_v, nt,
-                                                        EXACT=exact, **blocks)
+    _delta_state_fwd[(triton.cdiv(d_v, blocks["BV"]), b * h)](k, w, u0, g, seg, h0, states, u, final, s, h, d_k, d_v,
+                                                              nt, EXACT=exact, **blocks)
     return w, states, u, final
 
 
@@ -290,17 +292,17 @@ class _DeltaRule(torch.autograd.Function):
         b, s, h, d_k = q.shape
         d_v = v.shape[-1]
         blocks = _blocks(d_k, d_v)
-        g = _chunk_cumsum(expand_log_decay(log_decay, b, s, h, q.device), blocks["BT"]).contiguous()
-        seg = (torch.zeros(b, s, dtype=torch.int32, device=q.device) if resets is None
-               else resets.cumsum(1, dtype=torch.int32))
+        g = chunk_cumsum(expand_log_decay(log_decay, b, s, h, q.device), blocks["BT"]).contiguous()
+        seg = segment_ids(resets, b, s, q.device)
         h0 = (q.new_zeros(b, h, d_k, d_v, dtype=torch.float32) if initial_state is None
               else initial_state.float().contiguous())
         _, states, u, final = _forward_states(k, v, beta, g, seg, h0, blocks)
         out = new_output(v.shape, q)
         if with_output:
             nt = states.shape[2]
-            _output_fwd[(nt, triton.cdiv(d_v, blocks["BV"]), b * h)](q, k, u, g, seg, states, out, scale, s, h, d_k,
-                                                                    d_v, nt, EXACT=exact_dots(q.dtype), **blocks)
+            _delta_output_fwd[(nt, triton.cdiv(d_v, blocks["BV"]), b * h)](q, k, u, g, seg, states, out, scale, s, h,
+                                                                          d_k, d_v, nt, EXACT=exact_dots(q.dtype),
+                                                                          **blocks)
         ctx.save_for_backward(q, k, v, beta, g, seg, h0)
         ctx.scale, ctx.blocks = scale, blocks
         ctx.decay_shape = None if log_decay is None else log_decay.shape
@@ -320,16 +322,16 @@ class _DeltaRule(torch.autograd.Function):
         nt, exact = states.shape[2], exact_dots(q.dtype)
         dstates, dh0 = new_output(states.shape, states), new_output(h0.shape, h0)
         du = new_output(v.shape, v, torch.float32)
-        _state_bwd[(triton.cdiv(d_v, blocks["BV"]), b * h)](q, k, w, dout, g, seg, dfinal, dstates, du, dh0, scale,
-                                                            s, h, d_k, d_v, nt, EXACT=exact, **blocks)
+        _delta_state_bwd[(triton.cdiv(d_v, blocks["BV"]), b * h)](q, k, w, dout, g, seg, dfinal, dstates, du, dh0,
+                                                                  scale, s, h, d_k, d_v, nt, EXACT=exact, **blocks)
         dq, dk = new_output(q.shape, q, torch.float32), new_output(k.shape, k, torch.float32)
         dv = new_output(v.shape, v, torch.float32)
         dbeta, dg = new_output(beta.shape, beta, torch.float32), new_output(beta.shape, beta, torch.float32)
-        _chunk_bwd[(nt, b * h)](q, k, v, beta, g, seg, states, dstates, u, du, dout, dq, dk, dv, dbeta, dg, scale,
-                                s, h, d_k, d_v, nt, EXACT=exact, **blocks)
+        _delta_chunk_bwd[(nt, b * h)](q, k, v, beta, g, seg, states, dstates, u, du, dout, dq, dk, dv, dbeta, dg,
+                                      scale, s, h, d_k, d_v, nt, EXACT=exact, **blocks)
         dlog_decay = None
         if ctx.needs_input_grad[4]:
-            dlog_decay = _chunk_cumsum(dg, blocks["BT"], reverse=True)  # g_i sums log_decay_t over t <= i in the chunk
+            dlog_decay = chunk_cumsum(dg, blocks["BT"], reverse=True)  # g_i sums log_decay_t over t <= i in the chunk
             if len(ctx.decay_shape) == 1:
                 dlog_decay = dlog_decay.sum((0, 1))  # the [h] form is shared by every b and s
             dlog_decay = dlog_decay.to(ctx.decay_dtype)

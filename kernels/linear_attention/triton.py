@@ -3,21 +3,12 @@
 The chunk structure is fla's chunk_simple_gla (fla-org/flash-linear-attention, fla/ops/simple_gla,
 fla/ops/common/chunk_h.py); the code is ours. The math is chunked.py's. Per (batch row, head)
 the sequence is cut into chunks of BT tokens (64 on a GPU; 16 under the interpreter, so tests
-cross chunks); the last chunk may be shorter and is masked. Torch prepares, per token:
+cross chunks); the last chunk may be shorter and is masked. Torch prepares g (the inclusive
+cumsum of log_decay inside each chunk) and seg (each token's document segment); for chunk c
+with last token L, triton_common.chunk_weights turns them into these weights (the reset masks
+reach, same, leave and keep are defined there; all in [0, 1], as log decays are <= 0):
 
-    g [b, s, h] fp32    inclusive cumsum of log_decay inside each chunk
-    seg [b, s] int32    cumsum of resets along s: each token's document segment
-
-For chunk c with tokens i, j, last token L and sigma_c = the seg of the token before the chunk
-(0 for the first chunk), resets act only through these masks, never as -inf inside a cumsum:
-
-    reach_i = [seg_i = sigma_c]         token i reads the incoming state
-    same_ij = [j <= i] [seg_i = seg_j]  pairs inside the chunk
-    leave_j = [seg_j = seg_L]           key j is in the state leaving the chunk
-    keep_c  = [seg_L = sigma_c]         the incoming state survives the chunk
-
-and with r_i = reach_i exp(g_i), w_j = leave_j exp(g_L - g_j), A_ij = same_ij exp(g_i - g_j)
-(all in [0, 1]: log decays are <= 0, so nothing overflows):
+    r_i = reach_i exp(g_i),   w_j = leave_j exp(g_L - g_j),   keep_c exp(g_L),   A_ij = same_ij exp(g_i - g_j)
 
 Forward, H [d_k, d_v] fp32 per (b, h):
   (a) _state_fwd, grid (d_k blocks, d_v blocks, b*h), serial over chunks:
@@ -52,46 +43,14 @@ Never run on a GPU yet: tested under TRITON_INTERPRET=1 only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ithaca.kernels._alloc import new_output
 from ithaca.kernels._backend import interpreting
 from ithaca.kernels.linear_attention.reference import expand_log_decay
-from ithaca.kernels.triton_common import block_size, dot, exact_dots
-
-
-@triton.jit
-def _chunk(g, seg, i_b, i_h, i_t, S, H, BT: tl.constexpr):
-    """Chunk i_t of row i_b, head i_h: token offsets o_t [BT], their mask m_t, and the weights
-    r [BT], w [BT], keep (scalar) and A [BT, BT] of the module docstring."""
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < S
-    i_last = tl.minimum(i_t * BT + BT, S) - 1
-    b_g = tl.load(g + (i_b * S + o_t) * H + i_h, mask=m_t, other=0.0)
-    b_seg = tl.load(seg + i_b * S + o_t, mask=m_t, other=-1)
-    g_last = tl.load(g + (i_b * S + i_last) * H + i_h)
-    seg_last = tl.load(seg + i_b * S + i_last)
-    seg_before = tl.where(i_t > 0, tl.load(seg + i_b * S + tl.maximum(i_t * BT - 1, 0)), 0)
-    b_r = tl.where(m_t & (b_seg == seg_before), tl.exp(b_g), 0.0)
-    b_w = tl.where(m_t & (b_seg == seg_last), tl.exp(g_last - b_g), 0.0)
-    b_keep = tl.where(seg_last == seg_before, tl.exp(g_last), 0.0)
-    m_a = (o_t[:, None] >= o_t[None, :]) & (b_seg[:, None] == b_seg[None, :])
-    b_a = tl.exp(tl.where(m_a, b_g[:, None] - b_g[None, :], float("-inf")))  # masked before exp: no overflow
-    return o_t, m_t, b_r, b_w, b_keep, b_a
-
-
-@triton.jit
-def _tokens(x, i_b, i_h, o_t, m_t, o_d, m_d, S, H, D):
-    """Pointers [BT, BD] into a contiguous [b, s, h, D] tensor, and their mask."""
-    return x + ((i_b * S + o_t[:, None]) * H + i_h) * D + o_d[None, :], m_t[:, None] & m_d[None, :]
-
-
-@triton.jit
-def _state(x, i_state, o_k, m_k, o_v, m_v, DK, DV):
-    """Pointers [BK, BV] into state i_state of a contiguous [n, DK, DV] fp32 tensor, and their mask."""
-    return x + i_state * DK * DV + o_k[:, None] * DV + o_v[None, :], m_k[:, None] & m_v[None, :]
+from ithaca.kernels.triton_common import (block_size, chunk_cumsum, chunk_weights, dot, exact_dots, segment_ids,
+                                           state_pointers, token_pointers)
 
 
 @triton.jit
@@ -102,18 +61,18 @@ def _state_fwd(k, v, g, seg, h0, h, ht, S, H, DK, DV, NT,
     i_b, i_h = i_bh // H, i_bh % H
     o_k, o_v = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
-    p_h0, m_h = _state(h0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_h0, m_h = state_pointers(h0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     b_h = tl.load(p_h0, mask=m_h, other=0.0)
     for i_t in range(NT):
-        p_h, _ = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_h, _ = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         tl.store(p_h, b_h, mask=m_h)
-        o_t, m_t, b_r, b_w, b_keep, b_a = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
-        p_k, m_tk = _tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_v, m_tv = _tokens(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+        o_t, m_t, b_r, b_w, b_keep, b_a = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
+        p_k, m_tk = token_pointers(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_v, m_tv = token_pointers(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_k = tl.load(p_k, mask=m_tk, other=0.0)  # [BT, BK]
         b_v = tl.load(p_v, mask=m_tv, other=0.0)  # [BT, BV]
         b_h = b_h * b_keep + dot(tl.trans((b_k * b_w[:, None]).to(b_k.dtype)), b_v, EXACT)
-    p_ht, _ = _state(ht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_ht, _ = state_pointers(ht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     tl.store(p_ht, b_h, mask=m_h)
 
 
@@ -123,7 +82,7 @@ def _output_fwd(q, k, v, g, seg, h, o, scale, S, H, DK, DV, NT,
     """(b) One chunk's outputs for one d_v block: the incoming state's part plus the masked within-chunk part."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_w, b_keep, b_a = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_w, b_keep, b_a = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -131,18 +90,18 @@ def _output_fwd(q, k, v, g, seg, h, o, scale, S, H, DK, DV, NT,
     for i_k in range(tl.cdiv(DK, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
-        p_q, m_tk = _tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_k, _ = _tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_h, m_h = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_q, m_tk = token_pointers(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_k, _ = token_pointers(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_h, m_h = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         b_q = tl.load(p_q, mask=m_tk, other=0.0)
         b_k = tl.load(p_k, mask=m_tk, other=0.0)
         b_h = tl.load(p_h, mask=m_h, other=0.0)
         b_o += dot(b_q, b_h.to(b_q.dtype), EXACT)
         b_s += dot(b_q, tl.trans(b_k), EXACT)
-    p_v, m_tv = _tokens(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+    p_v, m_tv = token_pointers(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
     b_v = tl.load(p_v, mask=m_tv, other=0.0)
     b_o = b_o * b_r[:, None] + dot((b_s * b_a).to(b_v.dtype), b_v, EXACT)
-    p_o, _ = _tokens(o, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+    p_o, _ = token_pointers(o, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
     tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -154,20 +113,20 @@ def _state_bwd(q, do, g, seg, dht, dh, dh0, scale, S, H, DK, DV, NT,
     i_b, i_h = i_bh // H, i_bh % H
     o_k, o_v = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < DK, o_v < DV
-    p_dht, m_h = _state(dht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_dht, m_h = state_pointers(dht, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     b_dh = tl.load(p_dht, mask=m_h, other=0.0)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        p_dh, _ = _state(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_dh, _ = state_pointers(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         tl.store(p_dh, b_dh, mask=m_h)
-        o_t, m_t, b_r, b_w, b_keep, b_a = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
-        p_q, m_tk = _tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_do, m_tv = _tokens(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+        o_t, m_t, b_r, b_w, b_keep, b_a = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
+        p_q, m_tk = token_pointers(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_do, m_tv = token_pointers(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
         b_q = tl.load(p_q, mask=m_tk, other=0.0)  # [BT, BK]
         b_do = tl.load(p_do, mask=m_tv, other=0.0)  # [BT, BV]
         b_qr = (b_q * (b_r * scale)[:, None]).to(b_q.dtype)
         b_dh = b_dh * b_keep + dot(tl.trans(b_qr), b_do, EXACT)
-    p_dh0, _ = _state(dh0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
+    p_dh0, _ = state_pointers(dh0, i_bh, o_k, m_k, o_v, m_v, DK, DV)
     tl.store(p_dh0, b_dh, mask=m_h)
 
 
@@ -177,7 +136,7 @@ def _dqdk_bwd(q, k, v, do, g, seg, h, dh, dq, dk, scale, S, H, DK, DV, NT,
     """(d) One chunk's dq and dk (fp32) for one d_k block, summed over the d_v blocks."""
     i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_w, b_keep, b_a = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_w, b_keep, b_a = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < DK
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO_i H_c^T
@@ -186,10 +145,10 @@ def _dqdk_bwd(q, k, v, do, g, seg, h, dh, dq, dk, scale, S, H, DK, DV, NT,
     for i_v in range(tl.cdiv(DV, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < DV
-        p_v, m_tv = _tokens(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
-        p_do, _ = _tokens(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
-        p_h, m_h = _state(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
-        p_dh, _ = _state(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_v, m_tv = token_pointers(v, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+        p_do, _ = token_pointers(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+        p_h, m_h = state_pointers(h, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_dh, _ = state_pointers(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         b_v = tl.load(p_v, mask=m_tv, other=0.0)  # [BT, BV]
         b_do = tl.load(p_do, mask=m_tv, other=0.0)  # [BT, BV]
         b_h = tl.load(p_h, mask=m_h, other=0.0)  # [BK, BV]
@@ -197,15 +156,15 @@ def _dqdk_bwd(q, k, v, do, g, seg, h, dh, dq, dk, scale, S, H, DK, DV, NT,
         b_dq += dot(b_do, tl.trans(b_h).to(b_do.dtype), EXACT)
         b_dk += dot(b_v, tl.trans(b_dh).to(b_v.dtype), EXACT)
         b_ds += dot(b_do, tl.trans(b_v), EXACT)
-    p_q, m_tk = _tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-    p_k, _ = _tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+    p_q, m_tk = token_pointers(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+    p_k, _ = token_pointers(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
     b_q = tl.load(p_q, mask=m_tk, other=0.0)
     b_k = tl.load(p_k, mask=m_tk, other=0.0)
     b_ds = b_ds * b_a * scale  # dS_ij
     b_dq = b_dq * (b_r * scale)[:, None] + dot(b_ds.to(b_k.dtype), b_k, EXACT)
     b_dk = b_dk * b_w[:, None] + dot(tl.trans(b_ds).to(b_q.dtype), b_q, EXACT)
-    p_dq, _ = _tokens(dq, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-    p_dk, _ = _tokens(dk, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+    p_dq, _ = token_pointers(dq, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+    p_dk, _ = token_pointers(dk, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
     tl.store(p_dq, b_dq, mask=m_tk)
     tl.store(p_dk, b_dk, mask=m_tk)
 
@@ -216,7 +175,7 @@ def _dv_bwd(q, k, do, g, seg, dh, dv, scale, S, H, DK, DV, NT,
     """(d) One chunk's dv (fp32) for one d_v block, summed over the d_k blocks."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t, m_t, b_r, b_w, b_keep, b_a = _chunk(g, seg, i_b, i_h, i_t, S, H, BT)
+    o_t, m_t, b_r, b_w, b_keep, b_a = chunk_weights(g, seg, i_b, i_h, i_t, S, H, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # k_j dH_{c+1}
@@ -224,19 +183,19 @@ def _dv_bwd(q, k, do, g, seg, dh, dv, scale, S, H, DK, DV, NT,
     for i_k in range(tl.cdiv(DK, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
-        p_q, m_tk = _tokens(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_k, _ = _tokens(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
-        p_dh, m_h = _state(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
+        p_q, m_tk = token_pointers(q, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_k, _ = token_pointers(k, i_b, i_h, o_t, m_t, o_k, m_k, S, H, DK)
+        p_dh, m_h = state_pointers(dh, i_bh * NT + i_t, o_k, m_k, o_v, m_v, DK, DV)
         b_q = tl.load(p_q, mask=m_tk, other=0.0)
         b_k = tl.load(p_k, mask=m_tk, other=0.0)
         b_dh = tl.load(p_dh, mask=m_h, other=0.0)
         b_dv += dot(b_k, b_dh.to(b_k.dtype), EXACT)
         b_s += dot(b_k, tl.trans(b_q), EXACT)
-    p_do, m_tv = _tokens(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+    p_do, m_tv = token_pointers(do, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
     b_do = tl.load(p_do, mask=m_tv, other=0.0)
     b_s = b_s * tl.trans(b_a) * scale
     b_dv = b_dv * b_w[:, None] + dot(b_s.to(b_do.dtype), b_do, EXACT)
-    p_dv, _ = _tokens(dv, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
+    p_dv, _ = token_pointers(dv, i_b, i_h, o_t, m_t, o_v, m_v, S, H, DV)
     tl.store(p_dv, b_dv, mask=m_tv)
 
 
@@ -245,15 +204,6 @@ def _blocks(d_k: int, d_v: int) -> dict:
     if interpreting():
         return dict(BT=16, BK=16, BV=16)
     return dict(BT=64, BK=block_size(d_k, hi=64), BV=block_size(d_v, hi=64), num_warps=4)
-
-
-def _chunk_cumsum(x: torch.Tensor, chunk: int, *, reverse: bool = False) -> torch.Tensor:
-    """[b, s, h] -> the inclusive cumsum inside each chunk of `chunk` tokens along s (reverse: from its end)."""
-    b, s, h = x.shape
-    n = triton.cdiv(s, chunk) * chunk
-    x = F.pad(x, (0, 0, 0, n - s)).view(b, n // chunk, chunk, h)  # zeros after the end change no sum
-    x = x.flip(2).cumsum(2).flip(2) if reverse else x.cumsum(2)
-    return x.reshape(b, n, h)[:, :s]
 
 
 def _state_pass(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, seg: torch.Tensor, h0: torch.Tensor,
@@ -278,9 +228,8 @@ class _LinearAttention(torch.autograd.Function):
         b, s, h, d_k = q.shape
         d_v = v.shape[-1]
         blocks = _blocks(d_k, d_v)
-        g = _chunk_cumsum(expand_log_decay(log_decay, b, s, h, q.device), blocks["BT"]).contiguous()
-        seg = (torch.zeros(b, s, dtype=torch.int32, device=q.device) if resets is None
-               else resets.cumsum(1, dtype=torch.int32))
+        g = chunk_cumsum(expand_log_decay(log_decay, b, s, h, q.device), blocks["BT"]).contiguous()
+        seg = segment_ids(resets, b, s, q.device)
         h0 = (q.new_zeros(b, h, d_k, d_v, dtype=torch.float32) if initial_state is None
               else initial_state.float().contiguous())
         states, final = _state_pass(k, v, g, seg, h0, blocks)
@@ -321,7 +270,7 @@ class _LinearAttention(torch.autograd.Function):
                               (dstates[:, :, -1] * final).sum((-2, -1))[..., None]], dim=-1)  # [b, h, NT]
             last = (torch.arange(1, nt + 1, device=q.device) * blocks["BT"]).clamp(max=s) - 1
             dg = dg.index_add(1, last, edge.transpose(1, 2))
-            dlog_decay = _chunk_cumsum(dg, blocks["BT"], reverse=True)  # [b, s, h]
+            dlog_decay = chunk_cumsum(dg, blocks["BT"], reverse=True)  # [b, s, h]
             if len(ctx.decay_shape) == 1:
                 dlog_decay = dlog_decay.sum((0, 1))  # the [h] form is shared by every b and s
             dlog_decay = dlog_decay.to(ctx.decay_dtype)

@@ -10,12 +10,13 @@ import sys
 from conftest import ROOT
 
 OPS = ["attention", "attention, docs of 64", "rms_norm", "rms_norm+residual", "rope", "swiglu", "linear_cross_entropy",
-       "linear_attention, retention", "linear_attention, gated"]
+       "linear_attention, retention", "linear_attention, gated", "delta_rule, gated"]
 PEERS = {"attention": ["flash-attn 2"], "attention, docs of 64": ["flash-attn 2 [varlen]"],
          "rms_norm": ["liger rms_norm"], "rms_norm+residual": ["liger fused_add_rms_norm"], "rope": ["liger rope"],
          "swiglu": ["liger swiglu"], "linear_cross_entropy": ["liger fused_linear_cross_entropy", "cut-cross-entropy"],
          "linear_attention, retention": ["fla chunk_simple_gla", "fla chunk_retention"],
-         "linear_attention, gated": ["fla chunk_simple_gla", "fla chunk_gla [head gate on every channel]"]}
+         "linear_attention, gated": ["fla chunk_simple_gla", "fla chunk_gla [head gate on every channel]"],
+         "delta_rule, gated": ["fla chunk_gated_delta_rule"]}
 
 
 def test_every_op_has_ours_and_peers_skip_on_the_cpu():
@@ -29,7 +30,7 @@ def test_every_op_has_ours_and_peers_skip_on_the_cpu():
     assert all(len(row) == 9 for row in rows), done.stdout
     for op in OPS:
         ours = [r for r in rows if r[0] == op and r[3].startswith("ours")]
-        passes = ["fwd", "fwd+bwd"] if op.startswith(("attention", "linear_attention")) else ["fwd+bwd"]
+        passes = ["fwd", "fwd+bwd"] if op.startswith(("attention", "linear_attention", "delta_rule")) else ["fwd+bwd"]
         assert [r[2] for r in ours] == passes, (op, done.stdout)
         assert all(not r[4].startswith(("skipped", "failed", "OOM")) for r in ours), (op, ours)
         for peer in PEERS[op]:

@@ -16,7 +16,9 @@ from conftest import ROOT
 
 KERNELS = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_fwd", "_rms_norm_bwd", "_rope", "_swiglu_fwd",
            "_swiglu_bwd", "_fold_block", "_dlogits_block", "_state_fwd", "_output_fwd", "_state_bwd", "_dqdk_bwd",
-           "_dv_bwd"]
+           "_dv_bwd", "_delta_prepare_fwd", "_delta_state_fwd", "_delta_output_fwd", "_delta_state_bwd",
+           "_delta_chunk_bwd"]
+"""By function name; compile_kernels refuses two modules' kernels of one name, so each entry is one kernel."""
 
 
 def test_every_kernel_compiles_for_sm90():
