@@ -30,13 +30,11 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
-from ithaca.kernels import swiglu
 from ithaca.models.init import normal_init
-from ithaca.models.linear_attention import retention_log_decay
+from ithaca.models.linear_attention import RecurrentMixer
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.mixer import (DeltaRuleAttend, LocalDeltaRuleAttend, SequenceInfo, ShortConv, local_short_conv,
                                  recompute)
-from ithaca.models.norm import HeadRMSNorm
 from ithaca.models.state_layout import ParamLayout, shard
 
 TIME_STEP_RANGE = (0.001, 0.1)
@@ -53,19 +51,13 @@ def gate_parameters(n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     return log_rate, step + torch.log(-torch.expm1(-step))  # softplus^-1(step)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(RecurrentMixer):
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_rank: int):
-        super().__init__()
+        super().__init__(args, mp, tp_rank)
         tp = mp.tensor_model_parallel_size
-        self.args = args
         self.attend: DeltaRuleAttend = LocalDeltaRuleAttend(args.kernels)
         self.conv: ShortConv = local_short_conv
-        self.selective = args.activation_checkpointing == "selective"
-        self.local_heads, self.head_dim = args.n_heads // tp, args.head_dim
-        local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
         width = args.n_heads * args.head_dim
-        self.qkv = tensor_parallel.ColumnParallelLinear(args.dim, 3 * width, config=mp, bias=False, stride=3,
-                                                        init_method=normal_init(args.init_std), gather_output=False)
         # torch's default for a depthwise Conv1d (fan-in K), drawn whole so every tp layout has the same
         # taps; the channels are [q; k; v] like qkv's output, so a rank keeps its heads' part of each
         bound = 1 / math.sqrt(args.delta_conv_size)
@@ -78,24 +70,15 @@ class GatedDeltaNet(nn.Module):
             self.gate = tensor_parallel.ColumnParallelLinear(args.dim, args.n_heads, config=mp, bias=True,
                                                              init_method=normal_init(args.init_std), gather_output=False)
             log_rate, gate_bias = gate_parameters(args.n_heads)
-            self.log_rate = nn.Parameter(log_rate[local].clone())
+            self.log_rate = nn.Parameter(log_rate[self.local].clone())
             set_tensor_model_parallel_attributes(self.log_rate, is_parallel=True, dim=0, stride=1)
             with torch.no_grad():
-                self.gate.bias.copy_(gate_bias[local])
-        if args.linear_decay == "retention":
-            self.register_buffer("log_decay", retention_log_decay(args.n_heads)[local], persistent=False)
-        if args.linear_output_norm:
-            self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps, args.kernels)
-        if args.linear_output_gate:
-            self.out_gate = tensor_parallel.ColumnParallelLinear(args.dim, width, config=mp, bias=False,
-                                                                 init_method=normal_init(args.init_std), gather_output=False)
-        self.out = tensor_parallel.RowParallelLinear(
-            width, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
-            init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
+                self.gate.bias.copy_(gate_bias[self.local])
+        self._build_output(args, mp)
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         gate = self.gate(x)[0] if self.args.linear_decay == "gated" else None
-        out_gate = self.out_gate(x)[0] if self.args.linear_output_gate else None
+        out_gate = self._output_gate(x)
         qkv, beta = self.qkv(x)[0], self.beta(x)[0]
         inputs = (qkv, beta, gate, out_gate, seq)
         o = recompute(self.mix, *inputs) if self.selective else self.mix(*inputs)
@@ -114,10 +97,5 @@ class GatedDeltaNet(nn.Module):
             log_decay = -self.log_rate.float().exp() * F.softplus(gate.float())  # [b, s, h/tp]; the bias is in gate
         elif self.args.linear_decay == "retention":
             log_decay = self.log_decay
-        o = self.attend(q, k, v, torch.sigmoid(beta.float()), log_decay=log_decay, resets=seq.resets)
-        if self.args.linear_output_norm:
-            o = self.out_norm(o)
-        o = o.reshape(b, s, -1)
-        if out_gate is not None:
-            o = swiglu(out_gate, o, impl=self.args.kernels)  # silu(x W_gate) * o
-        return o
+        return self._finish(self.attend(q, k, v, torch.sigmoid(beta.float()), log_decay=log_decay, resets=seq.resets),
+                            out_gate)

@@ -39,24 +39,28 @@ def retention_log_decay(n_heads: int) -> torch.Tensor:
 
 
 
-class LinearAttention(nn.Module):
+class RecurrentMixer(nn.Module):
+    """What linear-attention (L) and Gated DeltaNet (models/delta_net.py, D) layers share: heads split
+    over tp, the [q; k; v] projection, the fixed per-head decays, and the output end (per-head RMSNorm, silu output gate,
+    row-parallel projection). Subclasses call the builders where their parameters belong in the
+    model's order (models/state_layout.py)."""
+
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_rank: int):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
         self.args = args
-        self.attend: LinearAttend = LocalLinearAttend(args.kernels)
         self.selective = args.activation_checkpointing == "selective"
-        self.local_heads, self.head_dim = args.n_heads // tp, args.head_dim
-        width = args.n_heads * args.head_dim
+        self.local_heads, self.head_dim = args.n_heads // mp.tensor_model_parallel_size, args.head_dim
+        self.local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)  # this rank's heads
         # stride=3: the master weight is [q; k; v] and each tp rank takes its heads of all three
-        self.qkv = tensor_parallel.ColumnParallelLinear(args.dim, 3 * width, config=mp, bias=False, stride=3,
-                                                        init_method=normal_init(args.init_std), gather_output=False)
-        if args.linear_decay == "gated":
-            self.gate = tensor_parallel.ColumnParallelLinear(args.dim, args.n_heads, config=mp, bias=True,
-                                                             init_method=normal_init(args.init_std), gather_output=False)
+        self.qkv = tensor_parallel.ColumnParallelLinear(args.dim, 3 * args.n_heads * args.head_dim, config=mp,
+                                                        bias=False, stride=3, init_method=normal_init(args.init_std),
+                                                        gather_output=False)
+
+    def _build_output(self, args: LlamaArgs, mp: ModelParallelConfig) -> None:
+        """The retention decays (a buffer), the output norm, gate and projection, as `args` asks."""
+        width = args.n_heads * args.head_dim
         if args.linear_decay == "retention":
-            local = slice(tp_rank * self.local_heads, (tp_rank + 1) * self.local_heads)
-            self.register_buffer("log_decay", retention_log_decay(args.n_heads)[local], persistent=False)
+            self.register_buffer("log_decay", retention_log_decay(args.n_heads)[self.local], persistent=False)
         if args.linear_output_norm:
             self.out_norm = HeadRMSNorm(self.local_heads, args.head_dim, args.norm_eps, args.kernels)
         if args.linear_output_gate:
@@ -66,9 +70,31 @@ class LinearAttention(nn.Module):
             width, args.dim, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
             init_method=normal_init(args.init_std / math.sqrt(2 * args.n_layers)))
 
+    def _output_gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.out_gate(x)[0] if self.args.linear_output_gate else None
+
+    def _finish(self, o: torch.Tensor, out_gate: torch.Tensor | None) -> torch.Tensor:
+        """The mixed tokens o [b, s, h/tp, d] through the output norm and gate -> [b, s, h/tp * d]."""
+        if self.args.linear_output_norm:
+            o = self.out_norm(o)
+        o = o.flatten(2)
+        if out_gate is not None:
+            o = swiglu(out_gate, o, impl=self.args.kernels)  # silu(x W_gate) * o
+        return o
+
+
+class LinearAttention(RecurrentMixer):
+    def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_rank: int):
+        super().__init__(args, mp, tp_rank)
+        self.attend: LinearAttend = LocalLinearAttend(args.kernels)
+        if args.linear_decay == "gated":
+            self.gate = tensor_parallel.ColumnParallelLinear(args.dim, args.n_heads, config=mp, bias=True,
+                                                             init_method=normal_init(args.init_std), gather_output=False)
+        self._build_output(args, mp)
+
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         gate = self.gate(x)[0] if self.args.linear_decay == "gated" else None
-        out_gate = self.out_gate(x)[0] if self.args.linear_output_gate else None
+        out_gate = self._output_gate(x)
         qkv = self.qkv(x)[0]
         o = recompute(self.mix, qkv, gate, out_gate, seq) if self.selective else self.mix(qkv, gate, out_gate, seq)
         return self.out(o)[0]
@@ -85,10 +111,4 @@ class LinearAttention(nn.Module):
             log_decay = F.logsigmoid(gate.float()) / GATE_LOGIT_NORMALIZER  # [b, s, h/tp]
         elif self.args.linear_decay == "retention":
             log_decay = self.log_decay
-        o = self.attend(feature(q), feature(k), v, log_decay=log_decay, resets=seq.resets)
-        if self.args.linear_output_norm:
-            o = self.out_norm(o)
-        o = o.reshape(b, s, -1)
-        if out_gate is not None:
-            o = swiglu(out_gate, o, impl=self.args.kernels)  # silu(x W_gate) * o
-        return o
+        return self._finish(self.attend(feature(q), feature(k), v, log_decay=log_decay, resets=seq.resets), out_gate)
