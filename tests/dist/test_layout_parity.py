@@ -111,7 +111,8 @@ def test_bf16_under_sequence_parallelism_follows_the_fp32_curve(short_doc_shards
 
 LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     "linear-sp2": ("debug-linear-cpu", 1, 1, 2, ()),
-    "linear-sp4": ("debug-linear-cpu", 1, 1, 4, ()),
+    # LASP-2's states scanned point to point: the messages pair up across layers, steps and backward passes
+    "linear-sp4-scan": ("debug-linear-cpu", 1, 1, 4, ("model.linear_sp_exchange=scan",)),
     "linear-tp2xsp2-retention": ("debug-linear-cpu", 1, 2, 2, ("model.linear_decay=retention",)),
     "hybrid-sp2-ring": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=ring",)),
     "hybrid-sp2-ulysses": ("debug-hybrid-cpu", 1, 1, 2, ("parallel.sp_method=ulysses",)),
@@ -122,17 +123,15 @@ LINEAR_AND_HYBRID = {  # name: (config, dp, tp, sp, extra overrides)
     "hybrid-sp4-allgather": ("debug-hybrid-cpu", 1, 1, 4, ("parallel.sp_method=allgather",)),
     "hybrid-sp2-ulysses-reference-kernels": ("debug-hybrid-cpu", 1, 1, 2,
                                              ("parallel.sp_method=ulysses", "model.kernels=reference")),
-    # our Triton kernels end to end, interpreted without a GPU (so 3 steps of the same schedule, not
+    # our Triton kernels end to end, interpreted without a GPU (so 2 steps of the same schedule, not
     # 10): ring blocks, LASP-2's local part, norms, RoPE, SwiGLU and the loss
     "hybrid-sp2-ring-triton-kernels": ("debug-hybrid-cpu", 1, 1, 2, (
-        "parallel.sp_method=ring", "model.kernels=triton", "train.steps=3", f"optim.decay_steps={STEPS}")),
+        "parallel.sp_method=ring", "model.kernels=triton", "train.steps=2", f"optim.decay_steps={STEPS}")),
     # Gated DeltaNet (delta rule, short convolution with its halo exchange) alone and with softmax layers
     "delta-sp4-selective": ("debug-delta-cpu", 1, 1, 4, ("model.activation_checkpointing=selective",)),
     "delta-tp2xsp2-ring-scan": ("debug-delta-cpu", 1, 2, 2, ("parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
-    "delta-hybrid-sp2-ring-scan": ("debug-delta-cpu", 1, 1, 2, (
-        "model.layer_pattern=DS", "parallel.sp_method=ring", "model.linear_sp_exchange=scan")),
-    "delta-hybrid-sp4-usp": ("debug-delta-cpu", 1, 1, 4, (
-        "model.layer_pattern=DS", "parallel.sp_method=usp", "parallel.ulysses_degree=2")),
+    "delta-hybrid-sp4-usp-scan": ("debug-delta-cpu", 1, 1, 4, (
+        "model.layer_pattern=DS", "parallel.sp_method=usp", "parallel.ulysses_degree=2", "model.linear_sp_exchange=scan")),
 }
 
 

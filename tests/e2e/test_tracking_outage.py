@@ -121,7 +121,9 @@ def test_a_server_down_mid_run_holds_nothing_up_and_every_step_reaches_it_once(s
     replay = re.search(r"has steps up to (\d+) in its journal; the replay of those after the checkpoint is not "
                        r"logged again", resumed.stderr)
     resumed_from = int(re.search(r"resumed from \S+ at step=(\d+)", resumed.stderr).group(1))
-    assert replay and int(replay.group(1)) > resumed_from, resumed.stderr[-4000:]
+    # Steps take ~12 ms, so the kill lands anywhere: usually after steps the checkpoint lacks (a replay to
+    # dedupe), sometimes right after a checkpoint (nothing to replay). Either way each step is logged once, below.
+    assert replay and int(replay.group(1)) >= resumed_from, resumed.stderr[-4000:]
 
     client, run = the_run(server.url)
     assert run.info.status == "FINISHED"
