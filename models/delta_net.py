@@ -8,7 +8,8 @@ Decay (`linear_decay`, shared with `L` layers): plain is DeltaNet (none); retent
 per head as RetNet's; gated is Gated DeltaNet's per-token gate in Mamba-2's form,
 log_decay = -exp(log_rate) * softplus(x W_gate + gate bias), with log_rate = log(1..16) spread
 over the heads and the gate bias softplus^-1 of time steps spread geometrically over
-[0.001, 0.1] (both fixed, not drawn: every tp layout gets the same values). `linear_output_norm`
+[0.001, 0.1] (both learned; they start from these values, not from random draws, so every tp
+layout starts the same). `linear_output_norm`
 and `linear_output_gate` switch the output norm and gate, as for `L` layers; `linear_feature_map`
 does not apply (q and k are normalised instead).
 

@@ -41,9 +41,9 @@ def retention_log_decay(n_heads: int) -> torch.Tensor:
 
 class RecurrentMixer(nn.Module):
     """What linear-attention (L) and Gated DeltaNet (models/delta_net.py, D) layers share: heads split
-    over tp, the [q; k; v] projection, the fixed per-head decays, and the output end (per-head RMSNorm, silu output gate,
-    row-parallel projection). Subclasses call the builders where their parameters belong in the
-    model's order (models/state_layout.py)."""
+    over tp, the [q; k; v] projection, the fixed per-head decays, and the output end (per-head
+    RMSNorm, silu output gate, row-parallel projection). Subclasses call `_build_output` where its
+    parameters belong in the model's order (models/state_layout.py)."""
 
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, tp_rank: int):
         super().__init__()
