@@ -57,8 +57,8 @@ def run(fn, inputs: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
     leaves = {name: t.clone().requires_grad_() for name, t in inputs.items() if name != "resets" and t is not None}
     out, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], log_decay=leaves.get("log_decay"),
                     initial_state=leaves.get("initial_state"), resets=inputs["resets"], output_final_state=True)
-    cot_out = torch.randn(out.shape, generator=gen)
-    cot_final = torch.randn(final.shape, generator=gen)
+    cot_out = torch.randn(out.shape, generator=gen).to(out.device)  # drawn on the CPU: the same on any device
+    cot_final = torch.randn(final.shape, generator=gen).to(out.device)
     ((out * cot_out).sum() + (final * cot_final).sum()).backward()
     got = {"out": out, "final_state": final}
     got.update({f"d{name}": t.grad for name, t in leaves.items()})
@@ -103,7 +103,8 @@ def run_transition(fn, inputs: dict, gen: torch.Generator) -> dict[str, torch.Te
     leaves = {name: inputs[name].clone().requires_grad_() for name in ("k", "v", "beta", "log_decay")
               if inputs[name] is not None}
     a, b = fn(leaves["k"], leaves["v"], leaves["beta"], log_decay=leaves.get("log_decay"), resets=inputs["resets"])
-    ((a * torch.randn(a.shape, generator=gen)).sum() + (b * torch.randn(b.shape, generator=gen)).sum()).backward()
+    cot_a, cot_b = torch.randn(a.shape, generator=gen).to(a.device), torch.randn(b.shape, generator=gen).to(a.device)
+    ((a * cot_a).sum() + (b * cot_b).sum()).backward()
     return {"A": a, "B": b, **{f"d{name}": t.grad for name, t in leaves.items()}}
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ithaca.kernels.delta_rule import delta_rule, delta_rule_transition
 from ithaca.kernels.delta_rule.chunked import delta_rule_chunked
 from ithaca.kernels.delta_rule.reference import delta_rule_reference, delta_rule_transition_reference
+from test_delta_rule import compare, run, run_transition
 
 B, H = 2, 2
 CHUNK = 16  # the kernels' chunk under the interpreter (triton.py's _blocks)
@@ -54,26 +55,6 @@ def make_inputs(s: int, d_k: int, d_v: int, decay: str, with_state: bool, with_r
     return {name: None if t is None else t.to(DEVICE) for name, t in inputs.items()}
 
 
-def run(fn, inputs: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """fn(q, k, v, beta, log_decay=, initial_state=, resets=, output_final_state=True), backward
-    from random cotangents on out and the final state -> {"out", "final_state", "dq", ...}."""
-    leaves = {name: t.clone().requires_grad_() for name, t in inputs.items() if name != "resets" and t is not None}
-    out, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], log_decay=leaves.get("log_decay"),
-                    initial_state=leaves.get("initial_state"), resets=inputs["resets"], output_final_state=True)
-    cot_out = torch.randn(out.shape, generator=gen).to(DEVICE)
-    cot_final = torch.randn(final.shape, generator=gen).to(DEVICE)
-    ((out * cot_out).sum() + (final * cot_final).sum()).backward()
-    got = {"out": out, "final_state": final}
-    got.update({f"d{name}": t.grad for name, t in leaves.items()})
-    return got
-
-
-def compare(got: dict, want: dict, where: str) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **FP32, msg=lambda m: f"{name} {where}: {m}")
-
-
 def triton_delta_rule(*args, **kwargs):
     return delta_rule(*args, **kwargs, impl="triton")
 
@@ -97,16 +78,6 @@ def test_triton_equals_recurrence(s, d_k, d_v, decay, with_state, with_resets):
     compare(got, want, f"s={s} d_k={d_k} d_v={d_v} decay={decay} state={with_state} resets={with_resets}")
     if with_state and not with_resets:  # the initial state reaches the end: its gradient tests the carry
         assert want["dinitial_state"].abs().max() > 0.1
-
-
-def run_transition(fn, inputs: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """fn(k, v, beta, log_decay=, resets=) -> (A, B), backward from random cotangents on both."""
-    leaves = {name: inputs[name].clone().requires_grad_() for name in ("k", "v", "beta", "log_decay")
-              if inputs[name] is not None}
-    a, b = fn(leaves["k"], leaves["v"], leaves["beta"], log_decay=leaves.get("log_decay"), resets=inputs["resets"])
-    cot_a, cot_b = torch.randn(a.shape, generator=gen).to(DEVICE), torch.randn(b.shape, generator=gen).to(DEVICE)
-    ((a * cot_a).sum() + (b * cot_b).sum()).backward()
-    return {"A": a, "B": b, **{f"d{name}": t.grad for name, t in leaves.items()}}
 
 
 @pytest.mark.parametrize("decay, with_resets", [("gated", False), ("none", True)])
