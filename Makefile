@@ -2,6 +2,10 @@
 # CPU processes) and `make test`. Everything installs into .venv; torch comes first and pinned, then
 # DeepSpeed without build isolation, or either would pull a multi-GB CUDA torch.
 PYTHON ?= python3
+# Never the checkout root on sys.path (`python -m` puts the working directory first): its kernels/,
+# data/ and models/ would shadow installed packages of those names. Every Python started below
+# inherits it: pytest, the processes the tests start, torchrun's ranks.
+export PYTHONSAFEPATH := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ithaca-installed

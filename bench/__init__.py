@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m bench.<topic> --device cpu|cuda`; results in bench/RESULTS.md."""
+"""Benchmarks: `python -m ithaca.bench.<topic> --device cpu|cuda`; results in bench/RESULTS.md."""

@@ -14,7 +14,7 @@ modules' kernels share a name (a row, the test's list and a GPU profile name a k
 What it cannot tell: speed, register spills' cost, or numerics on the device (bench/gpu_check.sh).
 The triton here may be newer than a GPU machine's (the lent H100 has 3.6).
 
-Run:  python -m bench.compile_kernels [--arch 90]     (TRITON_INTERPRET must be unset)
+Run:  python -m ithaca.bench.compile_kernels [--arch 90]     (TRITON_INTERPRET must be unset)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from bench.header import bench_header
+from ithaca.bench.header import bench_header
 
 SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}
 """Bytes of shared memory one block may use, by compute capability (sm_90: 227 KiB)."""

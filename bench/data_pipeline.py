@@ -9,15 +9,14 @@ What it measures, in one run on one machine:
   warm-up), and the ratio loader/training: how many times faster the data arrives than training
   eats it (> 1: the data feed is not the bottleneck; with a worker it also runs beside training).
 
-Run:  python -m bench.data_pipeline --device cpu
-      python -m bench.data_pipeline --device cuda --config llama-1b-32k --input DIR --tokenizer tokenizer.json
+Run:  python -m ithaca.bench.data_pipeline --device cpu
+      python -m ithaca.bench.data_pipeline --device cuda --config llama-1b-32k --input DIR --tokenizer tokenizer.json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -64,14 +63,12 @@ def _loader_rate(cfg, data: Path, workers: int, steps: int) -> float:
 
 def _training_rate(config: str, data: Path, steps: int, out: Path) -> tuple[float, object]:
     """(tokens/s of one training process, its config), median over the steps after two warm-up steps."""
+    from ithaca.bench.rendezvous import free_port
     from ithaca.data import read_manifest
     from ithaca.launcher.config_load import load_config
     from ithaca.launcher.train import run_training
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     vocab = -(-read_manifest(data).tokenizer["vocab_size"] // 64) * 64  # the tokenizer's ids, padded as configs do
     cfg = load_config(config, [f"data.path={data}", f"model.vocab_size={max(vocab, load_config(config).model.vocab_size)}",
                                "parallel.dp=1", "parallel.tp=1", "parallel.sp=1",
@@ -98,7 +95,7 @@ def main() -> None:
     from ithaca.data.inputs import default_inputs, expand_inputs
 
     files = expand_inputs(args.input) if args.input else default_inputs()
-    from bench.header import bench_header  # imports torch: after CUDA_VISIBLE_DEVICES is set above
+    from ithaca.bench.header import bench_header  # imports torch: after CUDA_VISIBLE_DEVICES is set above
 
     print(bench_header("data_pipeline", args.device, f"config={args.config} tokenizer={args.tokenizer} "
                        f"input={sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} files"))

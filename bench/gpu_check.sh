@@ -51,6 +51,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# Never the checkout root on sys.path (`-m` would put it first): its kernels/, data/, models/ are
+# names other packages use (transformers imports a `kernels`); ithaca comes from /tmp/ithaca-src.
+export PYTHONSAFEPATH=1
 export PYTHONUNBUFFERED=1  # (the kernel tests set ITHACA_POISON themselves; benchmarks must not)
 unset ITHACA_POISON
 if [ "$DEVICE" = cuda ]; then
@@ -103,10 +106,10 @@ step() {  # step NAME TIMEOUT COMMAND...: run, keep its output, record it in the
 
 # shellcheck disable=SC2086  # PYTEST_ARGS and MEMORY_ARGS are word lists on purpose
 step kernel-tests 1500 "$PYTHON" -m pytest -q -p no:cacheprovider $PYTEST_ARGS
-step bench-kernels 1500 "$PYTHON" -m bench.kernels --device "$DEVICE"
+step bench-kernels 1500 "$PYTHON" -m ithaca.bench.kernels --device "$DEVICE"
 # shellcheck disable=SC2086
-step bench-memory 900 "$PYTHON" -m bench.memory --device "$DEVICE" $MEMORY_ARGS
-step bench-train-throughput 1200 "$PYTHON" -m bench.train_throughput --device "$DEVICE"
+step bench-memory 900 "$PYTHON" -m ithaca.bench.memory --device "$DEVICE" $MEMORY_ARGS
+step bench-train-throughput 1200 "$PYTHON" -m ithaca.bench.train_throughput --device "$DEVICE"
 
 cat "$SECTION" >> "$RESULTS"
 echo "appended $(wc -l < "$SECTION") lines to $RESULTS; outputs in $OUT_DIR"

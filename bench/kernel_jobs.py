@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Candidate
+from ithaca.bench.timing import Candidate
 from ithaca.kernels.attention import attention
 from ithaca.kernels.delta_rule import CHUNK as DELTA_CHUNK
 from ithaca.kernels.delta_rule import delta_rule

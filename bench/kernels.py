@@ -63,8 +63,8 @@ as evaluation runs them); the other ops always run with their backward in traini
 Never run on a GPU yet: bench/gpu_check.sh runs it on an H100. The CPU run only keeps the
 script alive (toy sizes, under a minute on 2 cores); its times are not figures.
 
-Run:  python -m bench.kernels --device cuda [--ops attention swiglu] [--lengths 4096 16384] [--repeats 5]
-      python -m bench.kernels --device cpu  [--no-compile]
+Run:  python -m ithaca.bench.kernels --device cuda [--ops attention swiglu] [--lengths 4096 16384] [--repeats 5]
+      python -m ithaca.bench.kernels --device cpu  [--no-compile]
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from bench.header import bench_header, device_peaks
-from bench.kernel_jobs import OPS, SIZES, Env, Job, Sizes, jobs_for
-from bench.timing import Outcome, time_candidates
+from ithaca.bench.header import bench_header, device_peaks
+from ithaca.bench.kernel_jobs import OPS, SIZES, Env, Job, Sizes, jobs_for
+from ithaca.bench.timing import Outcome, time_candidates
 
 MIN_SAMPLE_S = 0.01
 """Each timed sample repeats a call back to back until it lasts this long (bench/timing.py)."""

@@ -20,8 +20,8 @@
 Peak = bytes allocated during the call beyond its inputs (bench/peak_memory.py): CUDA allocator
 statistics on a GPU, live tensor bytes counted at the dispatcher on the CPU.
 
-Run:  python -m bench.memory --device cpu        (about 90 s on 2 cores, 60 s of it part (c))
-      python -m bench.memory --device cuda
+Run:  python -m ithaca.bench.memory --device cpu        (about 90 s on 2 cores, 60 s of it part (c))
+      python -m ithaca.bench.memory --device cuda
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.header import bench_header
-from bench.peak_memory import peak_bytes
-from bench.train_setup import init_single_process
+from ithaca.bench.header import bench_header
+from ithaca.bench.peak_memory import peak_bytes
+from ithaca.bench.train_setup import init_single_process
 from ithaca.data.packing import document_positions, document_starts
 from ithaca.kernels import attention_lse_bwd, attention_lse_fwd, linear_cross_entropy
 from ithaca.models.llama_args import LlamaArgs

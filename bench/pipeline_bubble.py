@@ -14,8 +14,8 @@ On the CPU machine the P processes share 2 cores, so a waiting stage lends its c
 and "busy" time stretches: read the CPU rows as a check that the schedule overlaps stages as
 1F1B should, not as GPU figures.
 
-Run:  python -m bench.pipeline_bubble --device cpu --pp 2 4            (gloo processes here)
-      python -m bench.pipeline_bubble --device cuda --pp 2 4 --dim 2048  (one process per GPU)
+Run:  python -m ithaca.bench.pipeline_bubble --device cpu --pp 2 4            (gloo processes here)
+      python -m ithaca.bench.pipeline_bubble --device cuda --pp 2 4 --dim 2048  (one process per GPU)
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.header import bench_header
+from ithaca.bench.header import bench_header
+from ithaca.bench.rendezvous import free_port
 
 STEPS, LAYERS = 4, 8
 P2P = ("_exec_send_activations", "_exec_recv_activations", "_exec_send_grads", "_exec_recv_grads")
@@ -113,7 +114,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pipeline_bubble_{os.getpid()}.md")
     for world in args.pp:
-        port = 29000 + os.getpid() % 1000 + world
+        port = free_port()
         mp.start_processes(_worker, args=(world, port, args.device, args.micro_batches, args.dim, args.seq, out),
                            nprocs=world, start_method="spawn")
     with open(out) as table:

@@ -22,8 +22,8 @@ torch.distributed) beside the formula for them:
              reduce-scatter of their gradients, the same again: independent of N
     delta-scan  as scan: only states travel, A stays on its rank
 
-Run:  python -m bench.sp_attention --device cpu            (gloo processes on this machine)
-      python -m bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
+Run:  python -m ithaca.bench.sp_attention --device cpu            (gloo processes on this machine)
+      python -m ithaca.bench.sp_attention --device cuda --world 8  (nccl, one process per GPU)
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.header import bench_header
+from ithaca.bench.header import bench_header
+from ithaca.bench.rendezvous import free_port
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
@@ -81,7 +82,7 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
     if device == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
-    from bench.comm_counter import count_bytes_sent
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.models.linear_attention import retention_log_decay
     from ithaca.parallel import (build_mesh, delta_rule_attention, lasp2_attention, sequence_part, ulysses_attention,
                                  usp_attention)
@@ -158,7 +159,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for world in args.world:
         out = f"/tmp/bench_sp_attention_{os.getpid()}_{world}.md"
-        port = 29500 + (os.getpid() % 1000)
+        port = free_port()
         mp.start_processes(_worker, args=(world, port, args.device, args.lengths, args.repeats, out), nprocs=world,
                            start_method="spawn")
         with open(out) as f:

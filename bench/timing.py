@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.peak_memory import peak_bytes
+from ithaca.bench.peak_memory import peak_bytes
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ithaca.bench.rendezvous import free_port
 from ithaca.launcher.config_load import load_config
 from ithaca.launcher.distributed import init_distributed
 from ithaca.models.llama import Llama
@@ -19,7 +20,7 @@ def init_single_process() -> ParallelMesh:
     """The training loop's process-group setup for one rank (nccl on a GPU machine, gloo otherwise):
     megatron-core's layers need its parallel state."""
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+                        ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(name, value)
     return init_distributed(dp=1, pp=1, tp=1, sp=1).mesh
 

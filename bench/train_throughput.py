@@ -16,8 +16,8 @@ work is not counted (MFU is an underestimate for hybrids). Peak = the device's d
 (H100/H200 SXM: 989 TFLOP/s; other devices print "-"). The formula and the peak table are the
 training loop's own (launcher/step_metrics.py).
 
-Run:  python -m bench.train_throughput --device cuda [--seq-len 8192]
-      python -m bench.train_throughput --device cpu          (toy size; a test keeps it running)
+Run:  python -m ithaca.bench.train_throughput --device cuda [--seq-len 8192]
+      python -m ithaca.bench.train_throughput --device cpu          (toy size; a test keeps it running)
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.header import bench_header, device_peaks
-from bench.train_setup import build_model, init_single_process
+from ithaca.bench.header import bench_header, device_peaks
+from ithaca.bench.train_setup import build_model, init_single_process
 from ithaca.launcher.step_metrics import flops_per_token, mfu
 
 def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:

@@ -297,7 +297,9 @@ def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[st
            "--parent-pid", str(os.getpid()), "--", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}",
            "-m", "ithaca", *rest]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # PYTHONSAFEPATH: torchrun starts the ranks with `-m`, which would put the working directory first on
+    # sys.path, and a checkout's kernels/, data/, models/ would shadow installed packages of those names.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
     return run_owned(cmd, env, grace=cfg.train.step_timeout)
 
 

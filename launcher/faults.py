@@ -2,8 +2,9 @@
 environment variables are read.
 
 `ITHACA_TEST_FAULT=KIND:STEP:RANK` makes global rank RANK of a training run, at the start of step STEP:
-- `kill`: receive SIGKILL while the step runs (a timer thread fires it just after the step
-  begins, so the other ranks are inside the step's collectives);
+- `kill`: receive SIGKILL at the start of the step, before its first collective, so the other
+  ranks wait in that collective and no checkpoint after step STEP-1 can exist (a kill fired
+  from a timer could land after the step, and its checkpoint, on a busy machine);
 - `hang`: stop before the step's first collective and never return (the others wait in it).
 Only the first attempt of a torchrun job is faulted (TORCHELASTIC_RESTART_COUNT unset or 0), so a
 run restarted by --max-restarts goes through.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -38,7 +38,7 @@ class Fault:
         if step != self.step:
             return
         if self.kind == "kill":
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            os.kill(os.getpid(), signal.SIGKILL)
         else:
             while True:
                 time.sleep(3600)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+# `python -m pytest` started in the checkout puts its root first on sys.path, where its kernels/,
+# data/ and models/ would shadow installed packages of those names (`make test` runs with
+# PYTHONSAFEPATH=1, so there is nothing to drop; this keeps a bare `python -m pytest` right too).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+import pytest  # noqa: E402  (after the sys.path repair above)
+import torch  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Every Python the tests start (`python -m ithaca`, benchmarks, torchrun's ranks) keeps the checkout root
+# off sys.path, where its kernels/, data/ and models/ would shadow installed packages of those names.
+os.environ["PYTHONSAFEPATH"] = "1"
 # Kernel outputs start as NaN (kernels/_alloc.py), so an element a kernel never writes fails a test.
 os.environ.setdefault("ITHACA_POISON", "1")
 # Without a GPU our Triton kernels run in Triton's interpreter; with one they run compiled. Set
@@ -18,7 +28,25 @@ os.environ.setdefault("ITHACA_POISON", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
+
+_WARNING = re.compile(r"Warning\b|warnings\.warn\(|^\[W\d{3,4} ")
+
+
+def failure_text(output: str, limit: int = 4000) -> str:
+    """What a failed subprocess said about its failure: its output without warnings (a warning line
+    and the source line Python echoes under it), from the first traceback on where there is one, so
+    an assertion message shows the error and not the tail of the library notices printed after it."""
+    lines, skip_echo = [], False
+    for line in output.splitlines():
+        if skip_echo and line.startswith((" ", "\t")):
+            continue
+        skip_echo = bool(_WARNING.search(line))
+        if not skip_echo:
+            lines.append(line)
+    text = "\n".join(lines)
+    start = text.find("Traceback (most recent call last)")
+    text = text[start:] if start >= 0 else text
+    return text if len(text) <= limit else f"{text[:limit // 2]}\n[...]\n{text[-limit // 2:]}"
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -115,7 +115,7 @@ def test_delta_rule_attention_in_the_usp_layout():
 
 
 def _elements_moved(s: int) -> tuple[int, int]:
-    from bench.comm_counter import count_bytes_sent
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.parallel import delta_rule_attention
 
     q = torch.randn(1, s, H, DK, requires_grad=True)
@@ -134,7 +134,7 @@ def test_traffic_is_one_pair_per_rank_and_independent_of_length():
 
 
 def _bytes_sent(lengths: tuple[int, ...]) -> dict[tuple[str, int], int]:
-    from bench.comm_counter import count_bytes_sent
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.parallel import delta_rule_attention
 
     sent = {}

@@ -128,7 +128,7 @@ def test_lasp2_with_the_triton_kernels():
 
 
 def _elements_moved(n_per_rank: int) -> tuple[int, int]:
-    from bench.comm_counter import count_bytes_sent
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.parallel import lasp2_attention
 
     q = torch.randn(1, n_per_rank, H, DK, requires_grad=True)
@@ -146,7 +146,7 @@ def test_state_traffic_is_p_h_dk_dv_and_independent_of_length():
 
 
 def _scan_bytes_sent(n_per_rank: int) -> int:
-    from bench.comm_counter import count_bytes_sent
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.parallel import lasp2_attention
 
     q = torch.randn(2, n_per_rank, H, DK, requires_grad=True)

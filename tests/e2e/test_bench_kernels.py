@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, failure_text
 
 OPS = ["attention", "attention, docs of 64", "rms_norm", "rms_norm+residual", "rope", "swiglu", "linear_cross_entropy",
        "linear_attention, retention", "linear_attention, gated", "delta_rule, gated"]
@@ -22,9 +22,9 @@ PEERS = {"attention": ["flash-attn 2"], "attention, docs of 64": ["flash-attn 2 
 def test_every_op_has_ours_and_peers_skip_on_the_cpu():
     # as a user runs it: no interpreter or poisoned buffers (conftest sets both for kernel tests)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ITHACA_POISON")}
-    done = subprocess.run([sys.executable, "-m", "bench.kernels", "--device", "cpu", "--lengths", "256",
+    done = subprocess.run([sys.executable, "-m", "ithaca.bench.kernels", "--device", "cpu", "--lengths", "256",
                            "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| op ")]
     assert all(len(row) == 9 for row in rows), done.stdout

@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, failure_text
 
 
 def test_bytes_sent_match_the_formulas():
-    done = subprocess.run([sys.executable, "-m", "bench.sp_attention", "--device", "cpu", "--world", "2", "4",
+    done = subprocess.run([sys.executable, "-m", "ithaca.bench.sp_attention", "--device", "cpu", "--world", "2", "4",
                            "--lengths", "64", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 64 ")]
     per_world = {2: ["ulysses", "ring", "lasp2", "lasp2-scan", "delta", "delta-scan"],
                  4: ["ulysses", "ring", "usp", "lasp2", "lasp2-scan", "delta", "delta-scan"]}

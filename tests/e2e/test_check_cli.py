@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import failure_text, run_cli
 
 BROKEN = "blocks.1.attn.qkv.weight"  # the parameter ITHACA_TEST_BREAK changes in the 2-layer debug model
 
@@ -24,7 +24,7 @@ def sp2_args(shards: Path, *extra: str) -> list[str]:
 def test_check_fails_naming_the_parameter_of_a_broken_layout(short_doc_shards, tmp_path):
     done = run_cli("check", *sp2_args(short_doc_shards), "--steps", "2", cwd=tmp_path,
                    env={"ITHACA_TEST_BREAK": "sp_grad_scale"})
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == 1, failure_text(done.stderr)
     verdict = done.stderr.strip().splitlines()[-1]
     assert verdict.startswith("ithaca: check failed: dp=1 tp=1 pp=1 sp=2 sp_method=ulysses zero_stage=1: step 1: "
                               f"the gradient of {BROKEN} differs"), verdict
@@ -38,7 +38,7 @@ def test_train_check_first_refuses_a_broken_layout(short_doc_shards, tmp_path):
     done = run_cli("train", *sp2_args(short_doc_shards, "parallel.sp_method=ring", f"train.output_dir={out}",
                                       "train.steps=2"), "--check-first", cwd=tmp_path,
                    env={"ITHACA_TEST_BREAK": "sp_grad_drop"})
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == 1, failure_text(done.stderr)
     assert "ithaca: check failed, not training: dp=1 tp=1 pp=1 sp=2 sp_method=ring" in done.stderr
     assert f"the gradient of {BROKEN} differs" in done.stderr
     assert not out.exists()  # no config, checkpoint or MLflow run: training never started
@@ -48,7 +48,7 @@ def test_train_check_first_passes_a_correct_layout_then_trains(short_doc_shards,
     out = tmp_path / "run"
     done = run_cli("train", *sp2_args(short_doc_shards, f"train.output_dir={out}", "train.steps=2"),
                    "--check-first", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     assert "check passed: dp=1 tp=1 pp=1 sp=2 sp_method=ulysses zero_stage=1 matches one process over 3 steps" \
         in done.stdout
     assert "step=2 loss=" in done.stderr

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, failure_text
 
 
 def test_gpu_check_runs_every_step_and_writes_one_results_section(tmp_path):
@@ -16,7 +16,7 @@ def test_gpu_check_runs_every_step_and_writes_one_results_section(tmp_path):
                            "--results", str(results), "--pytest-args", "tests/kernels/test_swiglu.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHON": sys.executable})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stdout) + failure_text(done.stderr)
     section = results.read_text()
     assert section.startswith("# Benchmark results\n\n## gpu_check on CPU")  # appended, not overwritten
     headers = [line for line in section.splitlines() if line.startswith("### ")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import failure_text, run_cli
 from mlflow_server import MlflowServer
 
 
@@ -24,7 +24,7 @@ def test_training_run_reaches_the_tracking_server(mlflow_server, debug_shards, t
                    "--set", f"data.path={debug_shards}", "--set", f"train.output_dir={tmp_path / 'run'}",
                    "--set", "train.steps=3", "--set", "data.seq_len=32", "--set", f"tracking.uri={mlflow_server}",
                    "--set", "tracking.experiment=server-test", "--set", "tracking.run_name=three-steps")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("server-test")
     (run,) = client.search_runs([experiment.experiment_id])

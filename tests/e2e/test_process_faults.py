@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from conftest import failure_text
 
 FAULT = "ITHACA_TEST_FAULT"
 
@@ -47,9 +48,9 @@ class Run:
             self._record_processes()
             if found := re.search(pattern, self.output()):
                 return found
-            assert self.process.poll() is None, f"exited {self.process.returncode} before {pattern!r}:\n{self.output()[-3000:]}"
+            assert self.process.poll() is None, f"exited {self.process.returncode} before {pattern!r}:\n{failure_text(self.output())}"
             time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} in {timeout} s:\n{self.output()[-3000:]}")
+        raise AssertionError(f"no {pattern!r} in {timeout} s:\n{failure_text(self.output())}")
 
     def _record_processes(self) -> None:
         try:
@@ -91,7 +92,7 @@ def test_ctrl_c_checkpoints_every_rank_and_leaves_no_process(debug_shards, tmp_p
     code, _ = run.finish(timeout=120)
     output = run.output()
     stopped = _stopped_step(output, "SIGINT")
-    assert code == 130, output[-3000:]
+    assert code == 130, failure_text(output)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
     assert run.leftovers() == []
 
@@ -105,7 +106,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(debug_shards, tmp_pa
     run.wait_for(r"send it again \(Ctrl-C\) to stop at once")
     os.killpg(run.process.pid, signal.SIGINT)
     code, seconds = run.finish(timeout=60)
-    assert code == 130 and seconds < 15, (seconds, run.output()[-3000:])
+    assert code == 130 and seconds < 15, (seconds, failure_text(run.output()))
     assert "stopped at once; the step under way was not saved" in run.output()
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert run.leftovers() == []
@@ -118,7 +119,7 @@ def test_torchrun_killed_outright_stops_its_ranks_after_a_checkpoint(debug_shard
     code, _ = run.finish(timeout=120)
     output = run.output()
     stopped = _stopped_step(output, "SIGTERM")  # the ranks' parent-death signal
-    assert code == 128 + signal.SIGKILL and "torchrun was killed by SIGKILL" in output, output[-3000:]
+    assert code == 128 + signal.SIGKILL and "torchrun was killed by SIGKILL" in output, failure_text(output)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
     assert run.leftovers() == []
 
@@ -137,10 +138,10 @@ def test_a_killed_rank_stops_the_job_naming_it_and_the_checkpoint(debug_shards, 
     run = Run(debug_shards, tmp_path / "run", "train.steps=10", env={FAULT: "kill:4:1"})
     code, seconds = run.finish(timeout=240)
     output = run.output()
-    assert code == 1, output[-3000:]
+    assert code == 1, failure_text(output)
     pid = re.search(r"ithaca: rank 1 \(pid (\d+)\) was killed by SIGKILL, and the job stopped; the last complete "
                     r"checkpoint is (\S+); continue from it with --resume auto", output)
-    assert pid and Path(pid.group(2)) == tmp_path / "run" / "checkpoints" / "step_00000002", output[-3000:]
+    assert pid and Path(pid.group(2)) == tmp_path / "run" / "checkpoints" / "step_00000002", failure_text(output)
     assert run.leftovers() == []
 
 
@@ -157,7 +158,7 @@ def _loss_curve(out: Path) -> dict[int, list[float]]:
 def uninterrupted(debug_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("whole") / "run"
     whole = Run(debug_shards, out, "train.steps=10")
-    assert whole.finish(timeout=240)[0] == 0, whole.output()[-3000:]
+    assert whole.finish(timeout=240)[0] == 0, failure_text(whole.output())
     return out
 
 
@@ -171,10 +172,10 @@ def test_a_killed_rank_restarts_on_the_uninterrupted_curve(uninterrupted, debug_
               env={FAULT: f"kill:{kill_step}:1"})
     code, _ = run.finish(timeout=300)
     output = run.output()
-    assert code == 0, output[-3000:]
+    assert code == 0, failure_text(output)
     if resumed_from:
         assert "restart 1: resuming from the latest complete checkpoint" in output
-        assert re.search(rf"resumed from \S+step_{resumed_from:08d} at step={resumed_from}", output), output[-3000:]
+        assert re.search(rf"resumed from \S+step_{resumed_from:08d} at step={resumed_from}", output), failure_text(output)
     else:
         assert "resumed from" not in output
     # every step once in the same MLflow run, and the same values as the uninterrupted run
@@ -187,10 +188,10 @@ def test_a_hung_rank_is_named_by_the_watchdog_and_the_job_ends(debug_shards, tmp
               "train.collective_timeout=120", env={FAULT: "hang:3:1"})
     code, seconds = run.finish(timeout=120)
     output = run.output()
-    assert code == 1, output[-3000:]
+    assert code == 1, failure_text(output)
     # rank 0 waits in the step's first collective; rank 1 (the fault) never reached it
     assert re.search(r"rank 0: step 3 has run \d+ s, over train.step_timeout=8 s; stuck in all_reduce "
-                     r"\(torch.distributed\) called from \S+train.py:\d+ in train_step", output), output[-3000:]
+                     r"\(torch.distributed\) called from \S+train.py:\d+ in train_step", output), failure_text(output)
     assert "rank 1: step 3 has run" in output and "faults.py" in output
     assert "hang-rank-00000.txt" in output and (tmp_path / "run" / "hang-rank-00000.txt").is_file()
     beats = [json.loads((tmp_path / "run" / "heartbeat" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]

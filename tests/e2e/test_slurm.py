@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import failure_text, run_cli
 from slurm_cluster import SlurmCluster, unavailable_reason
 
 STEPS = 300  # ~8 s of training: long enough to signal it mid-run
@@ -41,7 +41,7 @@ def submit(cluster: SlurmCluster, shards: Path, out: Path, *extra: str, env: dic
 
 
 def submitted_job(done) -> tuple[str, Path]:
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     job_id, log = re.fullmatch(r"submitted job (\d+); log: (\S+)\n", done.stdout).groups()
     return job_id, Path(log)
 
@@ -57,7 +57,7 @@ def finished_job(cluster, debug_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-run")
     job_id, log = submitted_job(submit(cluster, debug_shards, out))
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
-    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{log.read_text()[-3000:]}"
+    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{failure_text(log.read_text())}"
     return out, log
 
 
@@ -81,7 +81,7 @@ def test_a_preempted_job_requeues_and_resumes_on_the_uninterrupted_curve(cluster
     deadline = time.monotonic() + 120
     while not (cluster.job_field(job_id, "Restarts") == "1" and cluster.job_field(job_id, "JobState") == "PENDING"
                and cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle"):
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued:\n{failure_text(log.read_text())}"
         time.sleep(0.3)
     # SLURM holds a requeued job for 2 minutes (BeginTime); once the node has cleaned up after the
     # first run, make it eligible sooner, but not within the second of the requeue: slurmd revoked
@@ -90,7 +90,7 @@ def test_a_preempted_job_requeues_and_resumes_on_the_uninterrupted_curve(cluster
     assert cluster.run("scontrol", "update", f"jobid={job_id}", "EligibleTime=now+3").returncode == 0
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
     reason = cluster.job_field(job_id, "Reason")
-    assert state == "COMPLETED", f"{reason}\n{cluster.daemon_logs()}\n{log.read_text()[-3000:]}"
+    assert state == "COMPLETED", f"{reason}\n{cluster.daemon_logs()}\n{failure_text(log.read_text())}"
     text = log.read_text()
     stopped = int(re.search(r"stopped by SIGUSR1 at step=(\d+) after its checkpoint", text).group(1))
     assert "requeueing job" in text and "(restart 1)" in text and f"at step={stopped}" in text.split("(restart 1)")[1]
@@ -109,9 +109,9 @@ def test_a_rank_killed_in_a_job_restarts_it_on_the_uninterrupted_curve(cluster, 
                                        "checkpoint.every=20", env={"ITHACA_TEST_FAULT": "kill:30:1"}))
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
     text = log.read_text()
-    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{text[-3000:]}"
+    assert state == "COMPLETED", f"{cluster.daemon_logs()}\n{failure_text(text)}"
     assert "restart 1: resuming from the latest complete checkpoint" in text
-    assert re.search(r"resumed from \S+step_00000020 at step=20", text), text[-3000:]
+    assert re.search(r"resumed from \S+step_00000020 at step=20", text), failure_text(text)
     run, losses = mlflow_run(out)
     assert run.info.status == "FINISHED" and losses == mlflow_run(finished_job[0])[1]  # each step once
 

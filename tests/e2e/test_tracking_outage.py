@@ -20,7 +20,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import failure_text, run_cli
 from harness import free_port
 from mlflow_server import MlflowServer
 
@@ -49,7 +49,7 @@ class Output:
                 if found := re.search(pattern, line):
                     return found
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.lines)[-4000:]}")
+                raise AssertionError(f"no line matching {pattern!r}:\n{failure_text(''.join(self.lines))}")
             time.sleep(0.1)
 
     def last_step(self) -> int:
@@ -112,18 +112,18 @@ def test_a_server_down_mid_run_holds_nothing_up_and_every_step_reaches_it_once(s
             for process in [*psutil.Process(first.pid).children(recursive=True), first]:
                 process.kill()
     text = "".join(output.lines)
-    assert text.count("does not answer") == 1, text[-4000:]
+    assert text.count("does not answer") == 1, failure_text(text)
     crashed_at = output.last_step()
     end = crashed_at + 15
 
     resumed = run_cli("train", *args, "--nproc", "1", "--resume", "--set", f"train.steps={end}", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.returncode == 0, failure_text(resumed.stderr)
     replay = re.search(r"has steps up to (\d+) in its journal; the replay of those after the checkpoint is not "
                        r"logged again", resumed.stderr)
     resumed_from = int(re.search(r"resumed from \S+ at step=(\d+)", resumed.stderr).group(1))
     # Steps take ~12 ms, so the kill lands anywhere: usually after steps the checkpoint lacks (a replay to
     # dedupe), sometimes right after a checkpoint (nothing to replay). Either way each step is logged once, below.
-    assert replay and int(replay.group(1)) >= resumed_from, resumed.stderr[-4000:]
+    assert replay and int(replay.group(1)) >= resumed_from, failure_text(resumed.stderr)
 
     client, run = the_run(server.url)
     assert run.info.status == "FINISHED"
@@ -137,7 +137,7 @@ def test_a_run_whose_server_never_answers_finishes_and_track_sync_pushes_it_once
     out = tmp_path / "run"
     done = run_cli("train", *train_args(debug_shards, out, server.url), "--nproc", "1", "--set", "train.steps=20",
                    "--set", "tracking.flush_timeout=2", timeout=180)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     assert done.stderr.count("does not answer") == 1 and DOWN in done.stderr
     assert f"push them with `ithaca track-sync {out}`" in done.stderr
 

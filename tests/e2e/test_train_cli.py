@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import failure_text, run_cli
 
 STEPS = 20
 
@@ -41,7 +41,7 @@ def loss_history(out: Path) -> dict[int, float]:
 def full_run(debug_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("full")
     done = run_cli("train", *common_args(debug_shards, out), "--nproc", "2", "--set", f"train.steps={STEPS}")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure_text(done.stderr)
     return out, done
 
 
@@ -86,9 +86,9 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(full_run, debug_shar
     # Stop at step 10 on the 20-step schedule, then resume to step 20 (decay_steps keeps the lr curve).
     args = [*common_args(debug_shards, tmp_path), "--set", f"optim.decay_steps={STEPS}"]
     first = torchrun(*args, "--set", "train.steps=10")
-    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.returncode == 0, failure_text(first.stderr)
     second = torchrun(*args, "--set", f"train.steps={STEPS}", "--resume")
-    assert second.returncode == 0, second.stderr[-4000:]
+    assert second.returncode == 0, failure_text(second.stderr)
     assert "resumed from" in second.stderr
     resumed, uninterrupted = loss_history(tmp_path), loss_history(full_out)
     assert sorted(resumed) == list(range(1, STEPS + 1))  # the same MLflow run continued
@@ -129,7 +129,7 @@ def test_an_unreadable_shard_stops_the_run_or_is_skipped_and_counted(debug_shard
     failed = run_cli("train", *args)
     assert failed.returncode != 0 and f"shard {shards / first}: corrupt or truncated" in failed.stderr
     skipped = run_cli("train", *args, "--set", "data.on_error=skip", "--set", f"train.output_dir={tmp_path / 'skip'}")
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert skipped.returncode == 0, failure_text(skipped.stderr)
     assert f"data.on_error=skip: skipping shard {shards / first}" in skipped.stderr
     client, (run,) = mlflow_runs(tmp_path / "skip")
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data_skipped_shards")] == [1.0, 1.0, 1.0]

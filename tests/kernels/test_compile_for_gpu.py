@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, failure_text
 
 KERNELS = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_fwd", "_rms_norm_bwd", "_rope", "_swiglu_fwd",
            "_swiglu_bwd", "_fold_block", "_dlogits_block", "_state_fwd", "_output_fwd", "_state_bwd", "_dqdk_bwd",
@@ -23,9 +23,9 @@ KERNELS = ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_fwd", "_rms
 
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions, not interpreted
-    done = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--arch", "90"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "ithaca.bench.compile_kernels", "--arch", "90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done.stdout) + failure_text(done.stderr)
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| _")]
     assert sorted(set(rows)) == sorted(KERNELS), rows  # a new kernel must be exercised by compile_kernels too
     assert "FAILED" not in done.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.peak_memory import peak_bytes
+from ithaca.bench.peak_memory import peak_bytes
 
 MB = 1_000_000
 
