@@ -9,6 +9,6 @@ from pathlib import Path
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
-from ithaca.launcher.cli import main  # noqa: E402  (after the sys.path repair above)
+from ithaca.launcher.cli.main import main  # noqa: E402  (after the sys.path repair above)
 
 raise SystemExit(main())

@@ -65,8 +65,8 @@ def _training_rate(config: str, data: Path, steps: int, out: Path) -> tuple[floa
     """(tokens/s of one training process, its config), median over the steps after two warm-up steps."""
     from ithaca.bench.rendezvous import free_port
     from ithaca.data import read_manifest
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     vocab = -(-read_manifest(data).tokenizer["vocab_size"] // 64) * 64  # the tokenizer's ids, padded as configs do

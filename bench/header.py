@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from ithaca.launcher.step_metrics import gpu_peaks
+from ithaca.launcher.train.metrics import gpu_peaks
 
 
 def device_peaks(device: str) -> tuple[float, float] | None:

@@ -56,10 +56,10 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR=device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.distributed import init_distributed
-    from ithaca.launcher.engine import build_engine
-    from ithaca.launcher.train import train_step
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.runtime.distributed import init_distributed
+    from ithaca.launcher.train.engine import build_engine
+    from ithaca.launcher.train.loop import train_step
     from ithaca.parallel.parallelize import parallelize_llama
 
     cfg = load_config("debug-cpu", [

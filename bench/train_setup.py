@@ -8,8 +8,8 @@ import os
 import torch
 
 from ithaca.bench.rendezvous import free_port
-from ithaca.launcher.config_load import load_config
-from ithaca.launcher.distributed import init_distributed
+from ithaca.launcher.config.load import load_config
+from ithaca.launcher.runtime.distributed import init_distributed
 from ithaca.models.llama import Llama
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.parallel.mesh import ParallelMesh

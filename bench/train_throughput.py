@@ -14,7 +14,7 @@ N = parameters outside the input embedding (a tied one counts: it is the output 
 L = softmax layers, H heads, Q head dim, T the sequence length; linear-attention layers' state
 work is not counted (MFU is an underestimate for hybrids). Peak = the device's dense bf16 rate
 (H100/H200 SXM: 989 TFLOP/s; other devices print "-"). The formula and the peak table are the
-training loop's own (launcher/step_metrics.py).
+training loop's own (launcher/train/metrics.py).
 
 Run:  python -m ithaca.bench.train_throughput --device cuda [--seq-len 8192]
       python -m ithaca.bench.train_throughput --device cpu          (toy size; a test keeps it running)
@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ithaca.bench.header import bench_header, device_peaks
 from ithaca.bench.train_setup import build_model, init_single_process
-from ithaca.launcher.step_metrics import flops_per_token, mfu
+from ithaca.launcher.train.metrics import flops_per_token, mfu
 
 def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:
     from ithaca.data.packing import document_starts

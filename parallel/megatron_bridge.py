@@ -22,7 +22,7 @@ def initialize_megatron(mesh: ParallelMesh) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     # megatron-core passes its own timeout to its groups: the default's, which the launcher sets to
-    # train.collective_timeout (launcher/distributed.py); it is a timedelta(minutes=...) inside.
+    # train.collective_timeout (launcher/runtime/distributed.py); it is a timedelta(minutes=...) inside.
     timeout_minutes = c10d.default_pg_timeout.total_seconds() / 60
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=mesh.pp,

@@ -2,7 +2,7 @@
 
 Sequence-parallel ranks hold different tokens of the same samples and the same weights, so a
 weight's gradient is the sum over the sp ranks and the mean over the dp ranks. The training loss
-(launcher/train.py) is scaled for DeepSpeed summing over dp x sp and dividing by dp, which is what
+(launcher/train/loop.py) is scaled for DeepSpeed summing over dp x sp and dividing by dp, which is what
 ZeRO-1/2 do (deepspeed/runtime/zero/stage_1_and_2.py:1508, divide by dp_sp/sp). DeepSpeed 0.19.8's
 ZeRO-3, given our mpu, does neither (line numbers in deepspeed/runtime/):
 
@@ -46,7 +46,7 @@ def prepare_zero3_sequence_parallel(model: nn.Module, mesh: ParallelMesh) -> dic
     default = get_config_default(DeepSpeedZeroConfig, "reduce_bucket_size")
     # A parameter larger than the bucket is reduce-scattered alone (zero/stage3.py:1673): ÷ dp*sp.
     # int(): DeepSpeed's default is its own pp_int, which lands in the checkpoint's pickled ds_config
-    # and which weights_only loading (launcher/checkpoint.py) refuses.
+    # and which weights_only loading (launcher/checkpoint/store.py) refuses.
     return {"reduce_scatter": False, "contiguous_gradients": True, "reduce_bucket_size": int(max(default, largest))}
 
 

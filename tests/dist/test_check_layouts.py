@@ -28,20 +28,20 @@ _twins: dict[str, list] = {}  # resolved twin config -> its records: sp2, tp2 an
 
 
 def _config(data: str, overrides: tuple[str, ...]):
-    from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.config.load import load_config
 
     return load_config("debug-cpu", [f"data.path={data}", "data.seq_len=64", "train.global_batch=4",
                                      "train.micro_batch=1", "data.workers=1", *overrides])
 
 
 def _record(data: str, overrides: tuple[str, ...]) -> list:
-    from ithaca.launcher.check import record_steps
+    from ithaca.launcher.train.check import record_steps
 
     return record_steps(_config(data, overrides), STEPS)
 
 
 def _twin(data: str, layout: tuple[str, ...]) -> list:
-    from ithaca.launcher.check import twin_overrides
+    from ithaca.launcher.train.check import twin_overrides
 
     overrides = (*layout, *twin_overrides(_config(data, layout)))
     key = json.dumps(_config(data, overrides).to_dict(), sort_keys=True)
@@ -52,7 +52,7 @@ def _twin(data: str, layout: tuple[str, ...]) -> list:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_its_one_process_twin(layout, short_doc_shards):
-    from ithaca.launcher.check import LAYOUT_OVERRIDES, compare, first_divergence, format_table
+    from ithaca.launcher.train.check import LAYOUT_OVERRIDES, compare, first_divergence, format_table
 
     overrides = (*LAYOUTS[layout], *LAYOUT_OVERRIDES)
     cfg = _config(str(short_doc_shards), overrides)

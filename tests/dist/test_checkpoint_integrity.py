@@ -24,8 +24,8 @@ from harness import LogLines, run_ranks
 
 
 def _train(data: str, out: str, steps: int, every: int, resume: str | None, *extra: str) -> list[float]:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config("debug-cpu", [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", f"train.steps={steps}",
@@ -59,7 +59,7 @@ def _scenario(data: str, out: str) -> dict:
             (ckpt / name / "mp_rank_00_model_states.pt").write_bytes(b"half")
     dist.barrier()
     lines = LogLines()
-    logging.getLogger("ithaca.launcher.checkpoint").addHandler(lines)  # ours sees every rank's records
+    logging.getLogger("ithaca.launcher.checkpoint.store").addHandler(lines)  # ours sees every rank's records
     seen["fallback"] = _train(data, out, 4, 2, "latest")
     seen["fallback_lines"] = [m for m in lines.messages if "falling back" in m]
     seen["after_fallback"] = sorted(p.name for p in ckpt.iterdir())

@@ -18,7 +18,7 @@ def _wait_on_a_silent_rank() -> list[tuple[str, float, str]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from ithaca.launcher.distributed import init_distributed
+    from ithaca.launcher.runtime.distributed import init_distributed
 
     ctx = init_distributed(dp=2, pp=1, tp=1, sp=1, collective_timeout=TIMEOUT)  # starts the default group too
     groups = {"mesh dp": ctx.mesh.group("dp"), "megatron dp": parallel_state.get_data_parallel_group()}

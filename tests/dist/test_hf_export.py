@@ -36,8 +36,8 @@ LAYOUTS = {  # name: (world, overrides)
 
 
 def _train(data: str, out: str, extra: tuple[str, ...]) -> None:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config("debug-cpu", [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", "train.steps=2", "train.global_batch=4",
@@ -56,7 +56,7 @@ def runs(short_doc_shards, tmp_path_factory) -> Path:
 
 
 def _state(runs: Path, name: str) -> dict[str, torch.Tensor]:
-    from ithaca.launcher.consolidate import full_model_state
+    from ithaca.launcher.checkpoint.consolidate import full_model_state
 
     return full_model_state(runs / name / "checkpoints")[1]
 
@@ -108,8 +108,8 @@ def test_every_layout_reads_back_as_the_same_model(runs, name, like):
 
 @pytest.mark.parametrize("name", ["single", "tp2", "pp2", "tp2-zero2-bf16-tied"])
 def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, name):
-    from ithaca.launcher.consolidate import full_model_state
-    from ithaca.launcher.export import export_checkpoint
+    from ithaca.launcher.checkpoint.consolidate import full_model_state
+    from ithaca.launcher.checkpoint.export import export_checkpoint
 
     cfg, state = full_model_state(runs / name / "checkpoints")
     assert export_checkpoint(runs / name / "checkpoints", tmp_path / "hf") == "huggingface"
@@ -121,7 +121,7 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, name):
 
 
 def test_bf16_run_exports_its_weights(runs, tmp_path):
-    from ithaca.launcher.export import export_checkpoint
+    from ithaca.launcher.checkpoint.export import export_checkpoint
     from safetensors.torch import load_file
 
     state = _state(runs, "tp2-zero2-bf16-tied")
@@ -137,8 +137,8 @@ def test_bf16_run_exports_its_weights(runs, tmp_path):
 def test_sharded_export_with_yarn_scaling_keeps_our_logits(runs, tmp_path):
     """Shards above a size, and a rope scaling in config.json that transformers applies as we do
     (YaRN's attention factor on cos and sin included)."""
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.export import export_checkpoint
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.checkpoint.export import export_checkpoint
 
     config = runs / "single" / "config.yaml"
     scaled = tmp_path / "config.yaml"
@@ -156,8 +156,8 @@ def test_sharded_export_with_yarn_scaling_keeps_our_logits(runs, tmp_path):
 def test_hybrid_exports_in_our_format(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from ithaca.launcher.config_load import build, load_config
-    from ithaca.launcher.export import ITHACA_FORMAT, export_checkpoint
+    from ithaca.launcher.config.load import build, load_config
+    from ithaca.launcher.checkpoint.export import ITHACA_FORMAT, export_checkpoint
     from ithaca.models.llama_args import LlamaArgs
 
     assert export_checkpoint(runs / "hybrid" / "checkpoints", tmp_path / "out") == ITHACA_FORMAT
@@ -169,7 +169,7 @@ def test_hybrid_exports_in_our_format(runs, tmp_path):
 
 
 def test_refusals_name_the_file_or_flag(runs, tmp_path):
-    from ithaca.launcher.export import export_checkpoint
+    from ithaca.launcher.checkpoint.export import export_checkpoint
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(ValueError, match="--output=.*taken.*exists"):

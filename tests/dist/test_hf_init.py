@@ -114,8 +114,8 @@ def test_pipeline_stages_take_their_own_layers(hf_folder):
 
 
 def _first_step_loss(config: str, overrides: list[str]) -> float:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     return run_training(load_config(config, overrides))[0].loss
 
@@ -123,8 +123,8 @@ def _first_step_loss(config: str, overrides: list[str]) -> float:
 def test_extend_config_continues_from_hf_weights_with_yarn(hf_folder, short_doc_shards, tmp_path):
     """configs/extend-llama-cpu.yaml (sp2 ring, YaRN x4) as shipped, pointed at the tiny Llama: its first
     step's loss is transformers' on the same batch, with the same YaRN scaling in transformers' config."""
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import build_loader
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import build_loader
     from ithaca.models.hf_llama import hf_config
 
     overrides = [f"model.init_from={hf_folder}", f"data.path={short_doc_shards}", "data.document_mask=false",

@@ -57,8 +57,8 @@ def _model_overrides(extra: tuple[str, ...]) -> tuple[str, ...]:
 
 def _train_curves(data: str, out: str, dp: int, tp: int, sp: int, extra: tuple[str, ...],
                   config: str = "debug-cpu") -> dict[str, list[float]]:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config(config, [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", f"train.steps={STEPS}",

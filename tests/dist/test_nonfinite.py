@@ -1,7 +1,7 @@
 """A NaN or inf in a step (train.on_nonfinite), injected for real: every rank stops or skips at the
 same step, the update is never applied, the checkpoint kept is the last good one.
 
-The fault is test-only and lives here: `_inject` replaces `ithaca.launcher.train.train_step` in
+The fault is test-only and lives here: `_inject` replaces `ithaca.launcher.train.loop.train_step` in
 the rank process with a wrapper that, for the chosen steps, makes one parameter's gradient NaN (a
 tensor hook) or the embedding's output NaN (a forward hook, so the loss is NaN), then calls the
 real step. A faulty step's batch stays faulty if the loop computes it again, as a NaN that comes
@@ -24,7 +24,7 @@ def _inject(kind: str, steps: set[int], ranks: set[int] | None, param_name: str 
     or the embedding's output NaN ("loss"), on `ranks` (None: all); returns the undo."""
     import torch.distributed as dist
 
-    from ithaca.launcher import train
+    from ithaca.launcher.train import loop
 
     real_step, seen = train.train_step, {"step": 0, "batch": None}
 
@@ -51,9 +51,9 @@ def _inject(kind: str, steps: set[int], ranks: set[int] | None, param_name: str 
 def _train(data: str, out: str, overrides: tuple[str, ...]) -> dict:
     import math
 
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.nonfinite import NonFiniteStep
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.nonfinite import NonFiniteStep
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config("debug-cpu", [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", "train.steps=5", "train.global_batch=4",
@@ -152,7 +152,7 @@ def test_a_learning_rate_that_overflows_stops_at_the_first_inf_gradient(one_rank
 
 
 def test_a_nan_on_one_rank_is_skipped_on_every_rank_and_counted(two_ranks):
-    from ithaca.launcher.schedule import WarmupCosine
+    from ithaca.launcher.train.schedule import WarmupCosine
 
     out, per_rank = two_ranks
     results = [r["skip-dp2-zero0"] for r in per_rank]

@@ -16,7 +16,7 @@ EOS = 256
 
 def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     from ithaca.data.packing import document_ids, document_positions, document_starts
-    from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.config.load import load_config
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama

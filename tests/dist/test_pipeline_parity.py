@@ -54,8 +54,8 @@ def test_pipeline_layout_gives_single_process_curve(layout, short_doc_shards, tm
 
 
 def _losses(data: str, out: str, resume: str | None) -> list[float]:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config(LLAMA, [f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", "train.steps=6",
                               "train.global_batch=4", "train.micro_batch=1", "checkpoint.every=3", "parallel.dp=1",

@@ -12,7 +12,7 @@ def _agree(signal_rank: int, signum: int) -> list[str | None]:
     import torch
     import torch.distributed as dist
 
-    from ithaca.launcher.preemption import StopOnSignal
+    from ithaca.launcher.runtime.preemption import StopOnSignal
 
     stopper = StopOnSignal()
     try:

@@ -44,8 +44,8 @@ SWITCHES = {  # name: (world, layout A, layout B, rtol); the Llama of configs/de
 
 
 def _train(data: str, out: str, resume: str | None, *layout: str) -> list[float]:
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     configs = [item.removeprefix("config=") for item in layout if item.startswith("config=")] or ["debug-cpu"]
     cfg = load_config(configs[0], [
@@ -59,7 +59,7 @@ def _train(data: str, out: str, resume: str | None, *layout: str) -> list[float]
 def _switch(data: str, out: str, before: tuple[str, ...], after: tuple[str, ...], refuse: bool) -> dict:
     seen = {"full": _train(data, out, None, *before)}
     lines = LogLines()
-    logging.getLogger("ithaca.launcher.checkpoint").addHandler(lines)
+    logging.getLogger("ithaca.launcher.checkpoint.store").addHandler(lines)
     step3 = f"{out}/checkpoints/step_00000003"
     seen["resumed"] = _train(data, out, step3, *after)
     seen["lines"] = [m for m in lines.messages if m.startswith("resharding")]
@@ -89,7 +89,7 @@ def test_resume_under_another_layout_continues_the_curve(switch, short_doc_shard
 
 
 def _resume_logged(data: str, out: str, *layout: str) -> tuple[list[float], list[str]]:
-    from ithaca.launcher import checkpoint  # its logger is set up on import: before a handler is added to it
+    from ithaca.launcher.checkpoint import store  # its logger is set up on import: before a handler is added to it
 
     lines = LogLines()
     checkpoint.log.addHandler(lines)

@@ -15,8 +15,8 @@ def _fail_on_a_corrupt_shard(data: str, out: str) -> tuple[str, int]:
     import multiprocessing
 
     from ithaca.data import ShardError
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.train.loop import run_training
 
     cfg = load_config("debug-cpu", [f"data.path={data}", f"train.output_dir={out}", "data.workers=1",
                                     "data.seq_len=64", "parallel.dp=1", "train.global_batch=2", "train.micro_batch=2",

@@ -1,6 +1,6 @@
 """`ithaca check` and `ithaca train --check-first` as a user runs them (each side under torchrun).
 
-A layout broken on purpose (ITHACA_TEST_BREAK, launcher/faults.py: the last block's qkv gradient
+A layout broken on purpose (ITHACA_TEST_BREAK, launcher/runtime/faults.py: the last block's qkv gradient
 scaled by sp, or only sp rank 0's share of it kept) trains and logs a plausible loss; the check
 fails naming that parameter, and --check-first refuses to train. A correct layout passes and
 then trains. Correct layouts one by one: tests/dist/test_check_layouts.py.

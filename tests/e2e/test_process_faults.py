@@ -115,7 +115,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(debug_shards, tmp_pa
 def test_torchrun_killed_outright_stops_its_ranks_after_a_checkpoint(debug_shards, tmp_path):
     run = Run(debug_shards, tmp_path / "run", "train.steps=5000", "checkpoint.every=100000")
     run.wait_for(r"step=3 ")
-    os.kill(run.pid_of("ithaca.launcher.torchrun_main"), signal.SIGKILL)
+    os.kill(run.pid_of("ithaca.launcher.runtime.torchrun_main"), signal.SIGKILL)
     code, _ = run.finish(timeout=120)
     output = run.output()
     stopped = _stopped_step(output, "SIGTERM")  # the ranks' parent-death signal
@@ -191,7 +191,7 @@ def test_a_hung_rank_is_named_by_the_watchdog_and_the_job_ends(debug_shards, tmp
     assert code == 1, failure_text(output)
     # rank 0 waits in the step's first collective; rank 1 (the fault) never reached it
     assert re.search(r"rank 0: step 3 has run \d+ s, over train.step_timeout=8 s; stuck in all_reduce "
-                     r"\(torch.distributed\) called from \S+train.py:\d+ in train_step", output), failure_text(output)
+                     r"\(torch.distributed\) called from \S+loop.py:\d+ in train_step", output), failure_text(output)
     assert "rank 1: step 3 has run" in output and "faults.py" in output
     assert "hang-rank-00000.txt" in output and (tmp_path / "run" / "hang-rank-00000.txt").is_file()
     beats = [json.loads((tmp_path / "run" / "heartbeat" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]

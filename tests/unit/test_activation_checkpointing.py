@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from harness import run_ranks
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
 
 EOS = 256
 MODES = ("none", "full", "selective")

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from ithaca.launcher.check import StepGrads, compare, first_divergence, twin_overrides
-from ithaca.launcher.cli import main
-from ithaca.launcher.config_load import load_config
+from ithaca.launcher.train.check import StepGrads, compare, first_divergence, twin_overrides
+from ithaca.launcher.cli.main import main
+from ithaca.launcher.config.load import load_config
 
 NAMES = ["embed.weight", "blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight", "head.weight"]
 

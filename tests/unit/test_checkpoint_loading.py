@@ -1,5 +1,5 @@
 """What checkpoint loading will unpickle: tensors, plain data and DeepSpeed's three state classes, nothing
-that runs code of the file's choosing (launcher/checkpoint.py). The manifest checks are in
+that runs code of the file's choosing (launcher/checkpoint/store.py). The manifest checks are in
 tests/dist/test_checkpoint_integrity.py."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ithaca.launcher.checkpoint import _load_weights_only
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
+from ithaca.launcher.checkpoint.store import _load_weights_only
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
 
 
 def _touch(marker: Path) -> None:

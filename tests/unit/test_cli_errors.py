@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ithaca.launcher.cli import main
+from ithaca.launcher.cli.main import main
 
 
 def train(capsys, tmp_path, *extra: str) -> tuple[int, str]:

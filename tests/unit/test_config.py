@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ithaca import configs
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
 
 
 CONFIG_DIR = Path(configs.__file__).parent

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from ithaca.launcher.config import ConfigError, TrainConfig
-from ithaca.launcher.faults import ENV, Fault, planned_fault
-from ithaca.launcher.watchdog import StepWatchdog, where_stuck
+from ithaca.launcher.config.schema import ConfigError, TrainConfig
+from ithaca.launcher.runtime.faults import ENV, Fault, planned_fault
+from ithaca.launcher.runtime.watchdog import StepWatchdog, where_stuck
 
 
 def test_the_fault_plan_names_one_rank_and_only_the_first_attempt(monkeypatch):
@@ -37,7 +37,7 @@ def _thread_frame(target) -> tuple[threading.Thread, object]:
 
 def test_where_stuck_names_the_ithaca_line_a_thread_waits_in():
     _, frame = _thread_frame(lambda: Fault("hang", 1).at_step_start(1))  # sleeps forever inside faults.py
-    assert "launcher/faults.py" in where_stuck(frame) and where_stuck(frame).endswith("in at_step_start")
+    assert "launcher/runtime/faults.py" in where_stuck(frame) and where_stuck(frame).endswith("in at_step_start")
 
 
 def test_where_stuck_without_an_ithaca_frame_names_the_innermost_one():

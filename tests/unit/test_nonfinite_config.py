@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
-from ithaca.launcher.nonfinite import SPIKE_MIN_STEPS, SpikeWatch
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
+from ithaca.launcher.train.nonfinite import SPIKE_MIN_STEPS, SpikeWatch
 
 
 def load(*overrides: str):

@@ -33,7 +33,7 @@ def test_a_given_split_is_checked():
 
 def _built_part_sizes(variants: dict[str, dict]) -> dict[str, tuple[list[int], list[int]]]:
     """{name: (LlamaArgs.part_parameters(), the built model's parameters per part)} at tp = 1."""
-    from ithaca.launcher.config_load import load_config
+    from ithaca.launcher.config.load import load_config
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama

@@ -16,7 +16,7 @@ from ithaca.data import ByteTokenizer, prep, read_manifest
 from ithaca.data.input_errors import MAX_LISTED, read_skip_log
 from ithaca.data.inputs import expand_inputs
 from ithaca.data.shard_reader import read_shard
-from ithaca.launcher.cli import main
+from ithaca.launcher.cli.main import main
 
 from test_prep import InterruptingTokenizer
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ithaca.launcher.reshard import CheckpointLayout, check_reshardable
+from ithaca.launcher.checkpoint.reshard import CheckpointLayout, check_reshardable
 
 TP2_BF16 = CheckpointLayout(dp=1, tp=2, pp=1, sp=1, sp_method="ulysses", zero_stage=1, precision="bf16")
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 
-from ithaca.launcher.schedule import WarmupCosine
+from ithaca.launcher.train.schedule import WarmupCosine
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -1,4 +1,4 @@
-"""launcher/step_metrics.py: the MFU formula, the peak table, peak memory and train.peak_tflops."""
+"""launcher/train/metrics.py: the MFU formula, the peak table, peak memory and train.peak_tflops."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
-from ithaca.launcher.step_metrics import StepMeter, device_peak_flops, flops_per_token, gpu_peaks, read_peak_memory
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
+from ithaca.launcher.train.metrics import StepMeter, device_peak_flops, flops_per_token, gpu_peaks, read_peak_memory
 from ithaca.models.llama_args import LlamaArgs
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from ithaca.launcher.cli import main
+from ithaca.launcher.cli.main import main
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 OUT = "/nonexistent/ithaca-golden/run"  # never written: a dry run writes nothing

@@ -1,4 +1,4 @@
-"""The tracking journal and its pusher (launcher/tracking.py, metric_journal.py, tracking_push.py) in
+"""The tracking journal and its pusher (launcher/tracking/tracker.py, metric_journal.py, tracking_push.py) in
 one process: a store that never answers does not hold up `log_step` or `finish`, `track-sync`
 pushes a journal once however often it runs, a resume does not log its replayed steps again, and
 what cannot be pushed is said in one line."""
@@ -14,12 +14,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness import free_port
-from ithaca.launcher.cli import main
-from ithaca.launcher.config import ConfigError
-from ithaca.launcher.config_load import load_config
-from ithaca.launcher.metric_journal import find_journals
-from ithaca.launcher.tracking import Tracker
-from ithaca.launcher.tracking_push import JournalPusher
+from ithaca.launcher.cli.main import main
+from ithaca.launcher.config.schema import ConfigError
+from ithaca.launcher.config.load import load_config
+from ithaca.launcher.tracking.journal import find_journals
+from ithaca.launcher.tracking.tracker import Tracker
+from ithaca.launcher.tracking.push import JournalPusher
 
 
 def config(out: Path, *extra: str):

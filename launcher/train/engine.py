@@ -6,8 +6,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from ithaca.launcher.config import RunConfig
-from ithaca.launcher.schedule import WarmupCosine
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.train.schedule import WarmupCosine
 from ithaca.parallel.megatron_bridge import DeepSpeedMpu
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.zero3 import check_zero3_sequence_parallel, prepare_zero3_sequence_parallel

@@ -8,8 +8,8 @@ point leaves `latest` naming the previous complete checkpoint. The next save rem
 one left (only folders named `step_NNNNNNNN[.old].partial`), and `checkpoint.keep` deletes old ones.
 
 Each save records its layout (dp, tp, pp, sp, sp_method, ZeRO stage, precision, pp_split) and its
-model's shape in the client state (launcher/reshard.py `checkpoint_facts`); a load under the same
-layout is DeepSpeed's own, one under another layout is resharded (launcher/reshard.py), one of
+model's shape in the client state (launcher/checkpoint/reshard.py `checkpoint_facts`); a load under the same
+layout is DeepSpeed's own, one under another layout is resharded (launcher/checkpoint/reshard.py), one of
 another model shape is refused naming the field.
 
 A load first checks every file against the manifest (size, then sha256) and refuses a missing,
@@ -40,7 +40,7 @@ from ithaca.log import get_logger
 if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight needs only resolve_checkpoint
     import deepspeed
 
-    from ithaca.launcher.config import RunConfig
+    from ithaca.launcher.config.schema import RunConfig
     from ithaca.parallel.mesh import ParallelMesh
 
 log = get_logger(__name__)
@@ -111,7 +111,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
     `resume`: 'latest' (if its checkpoint fails verification, the newest earlier one that passes is
     used and one line says why) or a checkpoint folder (refused if it fails). Every rank takes the
     same decision: rank 0 lists the candidates, every rank checks a share of each one's files.
-    A checkpoint written under another layout than `cfg`'s is resharded (launcher/reshard.py);
+    A checkpoint written under another layout than `cfg`'s is resharded (launcher/checkpoint/reshard.py);
     one of another model shape is refused naming the field.
     Returns (the folder loaded, the client state). Raises ValueError naming the file and the failed check.
     """
@@ -127,7 +127,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
         raise ValueError(f"--resume: {problem}{also}")
 
     # reshard.py reads files through this module: imported here, not at the top
-    from ithaca.launcher.reshard import (CheckpointLayout, check_model_shape, check_reshardable, load_resharded,
+    from ithaca.launcher.checkpoint.reshard import (CheckpointLayout, check_model_shape, check_reshardable, load_resharded,
                                          read_checkpoint_facts, written_layout)
 
     facts = _from_rank0(lambda: read_checkpoint_facts(path))
@@ -142,7 +142,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine)  # launcher/engine.py sets no other writer
+    assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine)  # launcher/train/engine.py sets no other writer
     # This engine's loads only: DeepSpeed's own TorchCheckpointEngine.load passes weights_only=False.
     engine.checkpoint_engine.load = _load_weights_only
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)

@@ -1,4 +1,4 @@
-"""Pushing a tracking journal (launcher/metric_journal.py) to an MLflow tracking URI, resumably.
+"""Pushing a tracking journal (launcher/tracking/journal.py) to an MLflow tracking URI, resumably.
 
 Per journal and URI, `<key>.sync.json` beside it holds the MLflow run the journal maps to and the
 byte offset pushed so far, rewritten after every accepted call: a push starts where the last one
@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from ithaca.launcher.metric_journal import count_records, durable_records
+from ithaca.launcher.tracking.journal import count_records, durable_records
 from ithaca.log import get_logger, warn_once
 
 log = get_logger(__name__)

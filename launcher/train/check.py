@@ -14,7 +14,7 @@ collectives, scales), not the precision. Everything else (ZeRO stage under the l
 kernels, recomputation, the schedule) is as configured.
 
 Gradient norms are read after the step's last backward and before the update, before clipping,
-whole (launcher/grad_norms.py). The two runs are separate torchrun jobs started by the CLI (a
+whole (launcher/train/grad_norms.py). The two runs are separate torchrun jobs started by the CLI (a
 one-rank twin cannot share a job whose megatron-core and DeepSpeed groups are the layout's); each
 writes its steps as JSON (`record_steps`), and `compare` reads them side by side.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ithaca.launcher.config import RunConfig
+from ithaca.launcher.config.schema import RunConfig
 
 DEFAULT_STEPS = 3
 """Step 1 compares gradients at the same weights; steps 2-3 also the updates made from them."""
@@ -65,11 +65,11 @@ def record_steps(cfg: RunConfig, steps: int) -> list[StepGrads]:
     returns the same records."""
     import torch  # heavy imports here: the parent process, which only compares, needs none of them
 
-    from ithaca.launcher.distributed import init_distributed
-    from ithaca.launcher.engine import build_engine
-    from ithaca.launcher.faults import break_for_tests
-    from ithaca.launcher.grad_norms import full_grad_norms
-    from ithaca.launcher.train import build_loader, train_step
+    from ithaca.launcher.runtime.distributed import init_distributed
+    from ithaca.launcher.train.engine import build_engine
+    from ithaca.launcher.runtime.faults import break_for_tests
+    from ithaca.launcher.train.grad_norms import full_grad_norms
+    from ithaca.launcher.train.loop import build_loader, train_step
     from ithaca.parallel.parallelize import parallelize_llama
 
     if cfg.train.precision != "fp32":
@@ -236,8 +236,8 @@ def run_check(config: str, overrides: list[str], steps: int, nproc: int | None,
     twin, each as `ithaca check --record` started by `start(nproc, argv)` (the CLI's torchrun
     starter), and compare them. Raises ConfigError before starting anything if either cannot run,
     ValueError if a run fails."""
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.preflight import check_kernels_here, preflight
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.config.preflight import check_kernels_here, preflight
 
     cfg = load_config(config, overrides)
     sides = {"layout": list(LAYOUT_OVERRIDES), "one process": twin_overrides(cfg)}

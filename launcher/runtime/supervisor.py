@@ -3,9 +3,9 @@
 torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches `ithaca train` alone,
 which decides what every process does:
 - the first SIGINT or SIGTERM is handed to every rank; the ranks agree on the step, checkpoint at
-  its end and stop (launcher/preemption.py), and torchrun then exits by itself;
+  its end and stop (launcher/runtime/preemption.py), and torchrun then exits by itself;
 - a second one kills every process of the run at once (SIGKILL): no checkpoint of the step.
-`ithaca train` is a child subreaper (launcher/process_lifetime.py), so ranks whose torchrun died and
+`ithaca train` is a child subreaper (launcher/runtime/process_lifetime.py), so ranks whose torchrun died and
 loader workers whose rank died become its children: once torchrun has exited, what is left gets
 `grace` seconds to finish (ranks orphaned by a killed torchrun are checkpointing: their
 parent-death signal asked them to stop) and is then killed. torchrun itself dies with us.
@@ -19,7 +19,7 @@ import sys
 
 import psutil
 
-from ithaca.launcher.process_lifetime import become_subreaper
+from ithaca.launcher.runtime.process_lifetime import become_subreaper
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ithaca.launcher.distributed import restart_attempt
+from ithaca.launcher.runtime.distributed import restart_attempt
 
 ENV = "ITHACA_TEST_FAULT"
 KINDS = ("kill", "hang")

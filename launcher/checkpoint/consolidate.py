@@ -3,7 +3,7 @@
     cfg, state = full_model_state(Path("runs/x/checkpoints/step_00000100"))
 
 Canonical names are those of `ithaca.models.llama.Llama` built with tp = 1 (models/state_layout.py).
-The files DeepSpeed 0.19.8 writes through launcher/checkpoint.py, by layout:
+The files DeepSpeed 0.19.8 writes through launcher/checkpoint/store.py, by layout:
 - ZeRO 0-2 (any dp, sp): `mp_rank_<tp>_model_states.pt` holds the tp rank's `module` state (in the
   run's precision: bf16 runs keep bf16 weights there, their fp32 masters in the optimizer files);
 - pp > 1: `layer_<part>-model_<tp>-model_states.pt` per pipeline part (parallel/pipeline.py's list:
@@ -17,10 +17,10 @@ resolved config (`<output_dir>/config.yaml`, two folders above a checkpoint in t
 `<output_dir>/checkpoints/step_N`), or a config given explicitly.
 
 Before anything is unpickled, every file is checked against the checkpoint's manifest (size and
-sha256, launcher/checkpoint.py), and every load is `torch.load(weights_only=True)`.
+sha256, launcher/checkpoint/store.py), and every load is `torch.load(weights_only=True)`.
 
 `full_training_state` reads, besides the weights, what resuming under another layout needs
-(launcher/reshard.py): each parameter's fp32 master and AdamW moments, whole. ZeRO 1/2 and
+(launcher/checkpoint/reshard.py): each parameter's fp32 master and AdamW moments, whole. ZeRO 1/2 and
 DeepSpeed's bf16 optimizer write per dp x sp rank (and per tp rank and pipeline stage: `mp_rank_<m>`,
 m = stage * tp + tp rank) `[bf16_]zero_pp_rank_<r>_mp_rank_<m>_optim_states.pt`: per parameter group
 one flat fp32 partition, the AdamW state over the same flat, and `param_slice_mappings`, where each
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from ithaca.launcher.checkpoint import LATEST, MANIFEST, _check_file, _load_weights_only, _read_manifest
-from ithaca.launcher.config import RunConfig
-from ithaca.launcher.config_load import load_config
+from ithaca.launcher.checkpoint.store import LATEST, MANIFEST, _check_file, _load_weights_only, _read_manifest
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.config.load import load_config
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.state_layout import canonical_layout, canonical_name, pipeline_part_name, unshard
 
@@ -163,7 +163,7 @@ def _unpartitioned_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple
                              "ZeRO); resume it under the layout that wrote it")
         module = _tensors(saved["module"])
         params = [n for n in module if n not in saved["buffer_names"]]
-        # launcher/engine.py parameter_groups: matrices first, then gains, each in module order
+        # launcher/train/engine.py parameter_groups: matrices first, then gains, each in module order
         order = [n for n in params if module[n].dim() >= 2] + [n for n in params if module[n].dim() < 2]
         optim = saved["optimizer"]
         ids = [i for group in optim["param_groups"] for i in group["params"]]
@@ -178,7 +178,7 @@ def _unpartitioned_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple
 
 
 def _verify(path: Path) -> None:
-    """launcher/checkpoint.py's manifest check, in this process alone (verify_checkpoint is collective)."""
+    """launcher/checkpoint/store.py's manifest check, in this process alone (verify_checkpoint is collective)."""
     manifest = _read_manifest(path)
     if isinstance(manifest, str):
         raise ValueError(manifest)

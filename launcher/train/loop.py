@@ -8,7 +8,7 @@ leaves exactly that gradient. With pp > 1 the pipeline engine runs the micro-bat
 the last stage's loss function applies the same scale (parallel/pipeline.py).
 
 After each step every rank agrees whether its loss and gradient norm were finite, and stops or
-skips together (launcher/nonfinite.py, `train.on_nonfinite`); a bad step is never checkpointed.
+skips together (launcher/train/nonfinite.py, `train.on_nonfinite`); a bad step is never checkpointed.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ import yaml
 
 from ithaca.data.loader import PackedLoader, Source
 from ithaca.data.packing import document_ids, document_positions, document_starts
-from ithaca.launcher.checkpoint import load_checkpoint, save_checkpoint
-from ithaca.launcher.config import RunConfig
-from ithaca.launcher.distributed import init_distributed, restart_attempt
-from ithaca.launcher.engine import build_engine
-from ithaca.launcher.faults import planned_fault
-from ithaca.launcher.metric_journal import newest_run_key
-from ithaca.launcher.nonfinite import NonFiniteGuard
-from ithaca.launcher.preemption import StopOnSignal, clear_marker, write_marker
-from ithaca.launcher.reshard import checkpoint_facts
-from ithaca.launcher.step_metrics import StepMeter
-from ithaca.launcher.tracking import Tracker
-from ithaca.launcher.watchdog import StepWatchdog
+from ithaca.launcher.checkpoint.store import load_checkpoint, save_checkpoint
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.runtime.distributed import init_distributed, restart_attempt
+from ithaca.launcher.train.engine import build_engine
+from ithaca.launcher.runtime.faults import planned_fault
+from ithaca.launcher.tracking.journal import newest_run_key
+from ithaca.launcher.train.nonfinite import NonFiniteGuard
+from ithaca.launcher.runtime.preemption import StopOnSignal, clear_marker, write_marker
+from ithaca.launcher.checkpoint.reshard import checkpoint_facts
+from ithaca.launcher.train.metrics import StepMeter
+from ithaca.launcher.tracking.tracker import Tracker
+from ithaca.launcher.runtime.watchdog import StepWatchdog
 from ithaca.log import get_logger
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.parallelize import parallelize_llama
@@ -136,9 +136,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
 
     step, loader_states, run_id = 0, None, None
     if resume is not None:
-        # verified; 'latest' may fall back; another layout's checkpoint is resharded (launcher/reshard.py)
+        # verified; 'latest' may fall back; another layout's checkpoint is resharded (launcher/checkpoint/reshard.py)
         path, client = load_checkpoint(engine, cfg.checkpoint_dir, resume, cfg=cfg, mesh=mesh)
-        # the tracking journal's run key (launcher/tracking.py); checkpoints before journals held the MLflow id
+        # the tracking journal's run key (launcher/tracking/tracker.py); checkpoints before journals held the MLflow id
         step, loader_states = client["step"], client["loader"]
         run_id = client.get("tracking_run_key", client.get("mlflow_run_id"))
         log.info(f"resumed from {path} at step={step}")

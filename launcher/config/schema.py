@@ -154,12 +154,12 @@ class TrainConfig:
     """Where checkpoints, the resolved config and the local MLflow store go."""
     peak_tflops: float | None = None
     """One device's dense bf16 peak in TFLOP/s, the denominator of the logged MFU; omitted means
-    looked up from the GPU's name (launcher/step_metrics.py), and no MFU where it is not known."""
+    looked up from the GPU's name (launcher/train/metrics.py), and no MFU where it is not known."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN or inf in a step's loss or gradient norm (DeepSpeed's overflow skip included), decided
     on every rank at the same step: stop the run there with an error naming the step and the first
     non-finite gradient (the last checkpoint is kept, this step is not saved), or skip the update,
-    count it (MLflow skipped_steps) and go on (launcher/nonfinite.py)."""
+    count it (MLflow skipped_steps) and go on (launcher/train/nonfinite.py)."""
     max_skipped: int = 10
     """skip: stop as `stop` does after this many non-finite steps in a row."""
     spike_factor: float | None = 3.0
@@ -173,7 +173,7 @@ class TrainConfig:
     step_timeout: float = 1800.0
     """Seconds one step (the first one's compilation included) may take before the rank's
     watchdog names the step and the call it is stuck in, and stops the rank
-    (launcher/watchdog.py)."""
+    (launcher/runtime/watchdog.py)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "max_skipped"):

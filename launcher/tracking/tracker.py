@@ -1,7 +1,7 @@
 """MLflow tracking for a run, on rank 0, that never waits on MLflow.
 
-Every call is a line in the run's journal on disk first (launcher/metric_journal.py), and a
-background thread pushes the journal to the tracking URI (launcher/tracking_push.py). MLflow gets
+Every call is a line in the run's journal on disk first (launcher/tracking/journal.py), and a
+background thread pushes the journal to the tracking URI (launcher/tracking/push.py). MLflow gets
 params = the resolved config, metrics per step, the config artifact, the run's status, and
 MLflow's system metrics ("system/...": CPU, memory, disk, network; GPUs where nvidia-ml-py is
 installed) of rank 0's machine, sampled every 10 s by MLflow's own thread while the store answers.
@@ -28,8 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ithaca.launcher.config import RunConfig
-from ithaca.launcher.metric_journal import Journal, journal_path
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.tracking.journal import Journal, journal_path
 from ithaca.log import get_logger
 
 log = get_logger(__name__)
@@ -95,7 +95,7 @@ class Tracker:
         self._journal.append({"kind": "end", "time_ms": _now_ms(), "status": status})
         self._journal.close()
         self._pushing.finish(self._flush_timeout)
-        from ithaca.launcher.tracking_push import unpushed
+        from ithaca.launcher.tracking.push import unpushed
 
         left = unpushed(self._journal.path, self._uri)
         if left:
@@ -128,7 +128,7 @@ class _BackgroundPush:
 
     def _run(self) -> None:
         # Imported here: it imports MLflow, which takes seconds, off the training thread.
-        from ithaca.launcher.tracking_push import JournalPusher, Refused, Unreachable
+        from ithaca.launcher.tracking.push import JournalPusher, Refused, Unreachable
 
         # The monitor's own lines (started, stopped, failed to log) would repeat our outage warning at every restart.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)

@@ -12,7 +12,7 @@ config.json = {"format": "ithaca-llama/1", "model": {...}, "max_position_embeddi
 "eos_token_id": id}, where "model" is a run config's model section (LlamaArgs' fields, init_from
 dropped), and the same safetensors files holding the canonical tensors (models/state_layout.py: the
 names of `ithaca.models.llama.Llama` at tp = 1, in our fused layouts). Read it back with
-`ithaca.launcher.config_load.build(LlamaArgs, config["model"], "model.")` and `Llama.load_state_dict`.
+`ithaca.launcher.config.load.build(LlamaArgs, config["model"], "model.")` and `Llama.load_state_dict`.
 
 The folder appears complete or not at all: everything is written to <output>.partial, fsynced, and
 renamed; an existing <output> is refused, and a <output>.partial left by a killed export is replaced.
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ithaca.data.shards import read_manifest
-from ithaca.launcher.config import RunConfig
-from ithaca.launcher.consolidate import full_model_state
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.checkpoint.consolidate import full_model_state
 from ithaca.log import get_logger
 from ithaca.models.hf_llama import hf_config, hf_state, max_position
 
@@ -44,7 +44,7 @@ def export_checkpoint(ckpt: Path, output: Path, *, dtype: torch.dtype = torch.fl
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     """Write checkpoint `ckpt` (a step folder or a checkpoints folder) to the new folder `output` with
     weights in `dtype`; `config`: the run's YAML when it is not beside the checkpoint (see
-    launcher/consolidate.py). Returns the format written: "huggingface" or ITHACA_FORMAT.
+    launcher/checkpoint/consolidate.py). Returns the format written: "huggingface" or ITHACA_FORMAT.
     Raises ValueError naming the fix: an existing output, a damaged checkpoint, a missing config."""
     if output.exists():
         raise ValueError(f"--output={str(output)!r}: exists; give a new folder (export never overwrites)")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ithaca.launcher.config import ConfigError, RunConfig
+from ithaca.launcher.config.schema import ConfigError, RunConfig
 
 
 def resolve_config_path(name: str) -> Path:

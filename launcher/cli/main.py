@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ithaca.launcher.config import ConfigError, RunConfig
-from ithaca.launcher.process_lifetime import die_with_parent
+from ithaca.launcher.config.schema import ConfigError, RunConfig
+from ithaca.launcher.runtime.process_lifetime import die_with_parent
 
 USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 LAUNCHER_OPTIONS = ("--nproc", "--max-restarts")
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--check-first", action="store_true",
                        help="run `ithaca check` on this config first (from its seed, whatever --resume says) "
                             "and train only if it passes")
-    from ithaca.launcher.check import DEFAULT_STEPS  # light: the check's heavy imports are inside its functions
+    from ithaca.launcher.train.check import DEFAULT_STEPS  # light: the check's heavy imports are inside its functions
 
     check = sub.add_parser("check", help="train a few steps of the config's layout and of one process with the "
                                          "same weights and batches (fp32); compare losses and gradient norms")
@@ -149,15 +149,15 @@ def _prep(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_library_warnings()
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.distributed import env_world_size, launched_by_torchrun, restart_attempt
-    from ithaca.launcher.preflight import check_kernels_here, preflight
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.runtime.distributed import env_world_size, launched_by_torchrun, restart_attempt
+    from ithaca.launcher.config.preflight import check_kernels_here, preflight
 
     if args.max_restarts < 0:
         raise ConfigError("--max-restarts", args.max_restarts, "use 0 (no restarts) or more")
     cfg = load_config(args.config, args.overrides)
     check_kernels_here(cfg)
-    from ithaca.launcher.checkpoint import LATEST
+    from ithaca.launcher.checkpoint.store import LATEST
 
     has_checkpoint = (cfg.checkpoint_dir / LATEST).is_file()
     if args.resume == "auto":
@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         nproc = args.nproc or cfg.parallel.world_size
         preflight(cfg, nproc, args.resume)
         if args.check_first:
-            from ithaca.launcher.check import DEFAULT_STEPS
+            from ithaca.launcher.train.check import DEFAULT_STEPS
 
             failure = _run_check(cfg, args.config, args.overrides, nproc, DEFAULT_STEPS)
             if failure is not None:
@@ -185,7 +185,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         args.resume = LATEST
         print(f"ithaca: restart {restart}: resuming from the latest complete checkpoint", file=sys.stderr)
     preflight(cfg, env_world_size(), args.resume)
-    from ithaca.launcher.train import run_training
+    from ithaca.launcher.train.loop import run_training
 
     run_training(cfg, resume=args.resume)
     return 0
@@ -193,8 +193,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     _quiet_library_warnings()
-    from ithaca.launcher.config_load import load_config
-    from ithaca.launcher.distributed import env_world_size, launched_by_torchrun
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.runtime.distributed import env_world_size, launched_by_torchrun
 
     if args.steps < 1:
         raise ConfigError("--steps", args.steps, "use 1 or more")
@@ -208,8 +208,8 @@ def _check(args: argparse.Namespace) -> int:
     if args.record is None:
         raise ConfigError("ithaca check", "under torchrun", "run it without torchrun: it starts the layout's "
                                                             "processes and the one-process twin itself")
-    from ithaca.launcher.check import record_to
-    from ithaca.launcher.preflight import preflight
+    from ithaca.launcher.train.check import record_to
+    from ithaca.launcher.config.preflight import preflight
 
     preflight(cfg, env_world_size())
     record_to(args.record, cfg, args.steps)
@@ -219,7 +219,7 @@ def _check(args: argparse.Namespace) -> int:
 def _run_check(cfg: RunConfig, config: str, overrides: list[str], nproc: int | None, steps: int) -> str | None:
     """Check `cfg` (the config `config` with `overrides`) and print its table; returns the failure
     line, or None if the layout matches one process."""
-    from ithaca.launcher.check import run_check
+    from ithaca.launcher.train.check import run_check
 
     result = run_check(config, overrides, steps, nproc, lambda n, argv: _start_torchrun(cfg, n, 0, argv))
     print(result.report(), flush=True)
@@ -227,9 +227,9 @@ def _run_check(cfg: RunConfig, config: str, overrides: list[str], nproc: int | N
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from ithaca.launcher.config_load import load_config, resolve_config_path
-    from ithaca.launcher.preflight import preflight
-    from ithaca.launcher.submit import SlurmJob, render, submit
+    from ithaca.launcher.config.load import load_config, resolve_config_path
+    from ithaca.launcher.config.preflight import preflight
+    from ithaca.launcher.cli.submit import SlurmJob, render, submit
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
                    account=args.account, time=args.time, qos=args.qos, signal_grace=args.signal_grace,
@@ -249,7 +249,7 @@ def _export(args: argparse.Namespace) -> int:
     _quiet_library_warnings()
     import torch
 
-    from ithaca.launcher.export import export_checkpoint
+    from ithaca.launcher.checkpoint.export import export_checkpoint
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     written = export_checkpoint(args.checkpoint, args.output, dtype=dtype, config=args.config)
@@ -258,8 +258,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _track_sync(args: argparse.Namespace) -> int:
-    from ithaca.launcher.metric_journal import find_journals
-    from ithaca.launcher.tracking_push import JournalPusher, Unreachable, journal_uri, unpushed
+    from ithaca.launcher.tracking.journal import find_journals
+    from ithaca.launcher.tracking.push import JournalPusher, Unreachable, journal_uri, unpushed
 
     journals = find_journals(args.dir)
     if not journals:
@@ -281,7 +281,7 @@ def _track_sync(args: argparse.Namespace) -> int:
 
 def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[str]) -> int:
     """Re-run this command under torchrun on this machine, owning every process it starts
-    (launcher/supervisor.py); the launcher's own options are not passed on."""
+    (launcher/runtime/supervisor.py); the launcher's own options are not passed on."""
     rest, skip = [], False
     for item in argv:
         if skip:
@@ -290,10 +290,10 @@ def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[st
             skip = True
         elif not item.startswith(tuple(f"{option}=" for option in LAUNCHER_OPTIONS)):
             rest.append(item)
-    from ithaca.launcher.supervisor import run_owned
+    from ithaca.launcher.runtime.supervisor import run_owned
 
     training = ["--checkpoint-dir", str(cfg.checkpoint_dir)] if argv[:1] == ["train"] else []  # not `check`
-    cmd = [sys.executable, "-m", "ithaca.launcher.torchrun_main", *training,
+    cmd = [sys.executable, "-m", "ithaca.launcher.runtime.torchrun_main", *training,
            "--parent-pid", str(os.getpid()), "--", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}",
            "-m", "ithaca", *rest]

@@ -1,5 +1,5 @@
 """torchrun as Ithaca starts it (from `ithaca train` and from SLURM jobs):
-`python -m ithaca.launcher.torchrun_main [--checkpoint-dir DIR] [--parent-pid PID] -- TORCHRUN_ARGS...`
+`python -m ithaca.launcher.runtime.torchrun_main [--checkpoint-dir DIR] [--parent-pid PID] -- TORCHRUN_ARGS...`
 
 Two things over plain `torch.distributed.run`:
 - with --parent-pid it dies with its parent (`ithaca train`): killed outright, that parent would
@@ -8,7 +8,7 @@ Two things over plain `torch.distributed.run`:
 - a rank that fails ends the job with one line naming the rank, how it died and the checkpoint
   to continue from (a training run's --checkpoint-dir), instead of torchrun's table (the ranks' own errors are above it in the log).
   With `--max-restarts K` torchrun restarts every rank first, K times; the restarted ranks resume
-  from the latest complete checkpoint (launcher/cli.py, TORCHELASTIC_RESTART_COUNT).
+  from the latest complete checkpoint (launcher/cli/main.py, TORCHELASTIC_RESTART_COUNT).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import signal
 import sys
 from pathlib import Path
 
-from ithaca.launcher.process_lifetime import die_with_parent
+from ithaca.launcher.runtime.process_lifetime import die_with_parent
 
 FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ithaca.launcher.torchrun_main")
+    parser = argparse.ArgumentParser(prog="python -m ithaca.launcher.runtime.torchrun_main")
     parser.add_argument("--checkpoint-dir", type=Path, help="a training run's checkpoint folder (named when a rank fails)")
     parser.add_argument("--parent-pid", type=int, help="stop (SIGTERM to the ranks) when this parent exits")
     parser.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="after --: torchrun's arguments")
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def describe_failure(rank: int, exitcode: int, pid: int, checkpoint_dir: Path | None) -> str:
     """One line: which rank died, how, and what a resume would continue from."""
     how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
-    from ithaca.launcher.checkpoint import LATEST
+    from ithaca.launcher.checkpoint.store import LATEST
 
     if checkpoint_dir is None:
         return f"ithaca: rank {rank} (pid {pid}) {how}, and the job stopped"

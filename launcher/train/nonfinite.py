@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ithaca.launcher.checkpoint import LATEST, resolve_checkpoint
-from ithaca.launcher.config import RunConfig
+from ithaca.launcher.checkpoint.store import LATEST, resolve_checkpoint
+from ithaca.launcher.config.schema import RunConfig
 from ithaca.log import get_logger
 
 log = get_logger(__name__)

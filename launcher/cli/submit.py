@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ithaca.launcher.config import ConfigError, RunConfig
+from ithaca.launcher.config.schema import ConfigError, RunConfig
 
 
 @dataclass(frozen=True, kw_only=True)

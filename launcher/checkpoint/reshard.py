@@ -3,7 +3,7 @@
 Each save records its layout and its model's shape in the client state. A resume whose layout
 equals the checkpoint's loads through DeepSpeed as it always did (bitwise the uninterrupted run).
 Otherwise every rank reads the whole training state from the old layout's files
-(launcher/consolidate.py `full_training_state`: fp32 masters and AdamW's moments of every parameter,
+(launcher/checkpoint/consolidate.py `full_training_state`: fp32 masters and AdamW's moments of every parameter,
 whole over tp, ZeRO partitions and pipeline stages), cuts its tp part (models/state_layout.py `shard`)
 and hands it to DeepSpeed's optimizer, which keeps its own partition of it:
 - ZeRO 1/2 and the bf16 optimizer: `safe_set_full_fp32_param` / `safe_set_full_optimizer_state`
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ithaca.launcher.consolidate import MOMENTS, full_training_state, main_states_file
+from ithaca.launcher.checkpoint.consolidate import MOMENTS, full_training_state, main_states_file
 from ithaca.log import get_logger
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.state_layout import SHAPE_FIELDS, canonical_layout, canonical_name, shard, shape_fields
@@ -41,7 +41,7 @@ from ithaca.models.state_layout import SHAPE_FIELDS, canonical_layout, canonical
 if TYPE_CHECKING:  # DeepSpeed and the config import slowly; the types are only names here
     import deepspeed
 
-    from ithaca.launcher.config import RunConfig
+    from ithaca.launcher.config.schema import RunConfig
     from ithaca.parallel.mesh import ParallelMesh
 
 log = get_logger(__name__)
@@ -90,7 +90,7 @@ def written_layout(client: dict) -> CheckpointLayout | None:
 
 def read_checkpoint_facts(path: Path) -> dict:
     """The layout and model shape that checkpoint folder `path` (verified) records (empty if none)."""
-    from ithaca.launcher.checkpoint import _load_weights_only
+    from ithaca.launcher.checkpoint.store import _load_weights_only
 
     saved = _load_weights_only(main_states_file(path), "cpu")
     return {key: saved[key] for key in ("layout", "model_shape") if key in saved}

@@ -8,8 +8,8 @@ from pathlib import Path
 from ithaca.data.loader import check_stream_count
 from ithaca.data.shards import Manifest, missing_shards, read_manifest
 from ithaca.data.tokenizer import load_tokenizer
-from ithaca.launcher.checkpoint import resolve_checkpoint
-from ithaca.launcher.config import ConfigError, DataConfig, RunConfig
+from ithaca.launcher.checkpoint.store import resolve_checkpoint
+from ithaca.launcher.config.schema import ConfigError, DataConfig, RunConfig
 
 
 def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Checkpoints: save and load with verification, resharding across layouts, consolidation, export."""

@@ -1,0 +1,1 @@
+"""The `ithaca` command line: its verbs and flags (main), and SLURM job submission."""

@@ -1,0 +1,1 @@
+"""MLflow tracking that never waits on MLflow: the tracker, its on-disk journal, and pushing a journal."""
