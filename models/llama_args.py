@@ -9,8 +9,10 @@ from ithaca.models.rope_scaling import RopeScaling
 
 MIXERS = {"S": "softmax attention", "L": "linear attention", "D": "Gated DeltaNet"}
 KernelChoice = Literal["auto", "triton", "reference"]
-Recompute = Literal["none", "full", "selective"]
 """What a run may force for every op at once (`model.kernels`); ops accept more names of their own."""
+Recompute = Literal["none", "full", "selective"]
+"""What the backward pass recomputes instead of keeping it from the forward (`model.activation_checkpointing`):
+nothing, whole blocks, or each mixer's interior."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,10 +110,6 @@ class LlamaArgs:
     def mixer(self, layer: int) -> str:
         """The letter of layer `layer`'s mixer."""
         return self.layer_pattern[layer % len(self.layer_pattern)]
-
-    @property
-    def has_softmax(self) -> bool:
-        return "S" in self.layer_pattern
 
     @property
     def kv_heads(self) -> int:
