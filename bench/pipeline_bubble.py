@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
         "data.path=unused", "parallel.dp=1", f"parallel.pp={world}", f"model.n_layers={LAYERS}",
         f"model.dim={dim}", f"model.ffn_dim={3 * dim}", f"data.seq_len={seq}", "train.micro_batch=1",
         f"train.global_batch={micro}", f"train.steps={STEPS}"])
-    mesh = init_distributed(dp=1, pp=world, tp=1, sp=1).mesh
+    mesh = init_distributed(dp=1, pp=world, tp=1).mesh
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
     model = parallelize_llama(cfg.model, mesh, seed=0, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     engine = build_engine(cfg, model, mesh)

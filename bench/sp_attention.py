@@ -84,11 +84,14 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
     dist.init_process_group(backend, rank=rank, world_size=world)
     from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.models.linear_attention import retention_log_decay
-    from ithaca.parallel import (build_mesh, delta_rule_attention, lasp2_attention, sequence_part, ulysses_attention,
+    from ithaca.parallel import (SequenceLayout, build_mesh, delta_rule_attention, lasp2_attention, ulysses_attention,
                                  usp_attention)
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    meshes = {ring: build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type=device)
+    layouts = {1: SequenceLayout(sp=world), world: SequenceLayout(sp=world, sp_method="ring")}
+    layouts |= {ring: SequenceLayout(sp=world, sp_method="usp", ulysses_degree=world // ring)
+                for ring in set(_methods(world).values()) - set(layouts)}
+    meshes = {ring: build_mesh(dp=1, pp=1, tp=1, device_type=device, sequence=layouts[ring])
               for ring in set(_methods(world).values())}
     rows = []
     for n in lengths:
@@ -100,14 +103,14 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
         for repeat in range(repeats + 1):  # repeat 0 warms up
             for method, ring in _methods(world).items():
                 mesh = meshes[ring]
-                q, k, v, dout = (sequence_part(t, sp_rank=mesh.rank("sp"), sp=world, ring=ring).to(device, dtype)
+                q, k, v, dout = (mesh.sequence.part(t, mesh.rank("sp")).to(device, dtype)
                                  for t in full)
                 q, k, v = (t.requires_grad_() for t in (q, k, v))
                 dist.barrier()
                 start = time.perf_counter()
                 with count_bytes_sent() as counter:
                     if method.startswith("delta"):
-                        beta = sequence_part(full_beta, sp_rank=mesh.rank("sp"), sp=world, ring=ring).to(device, dtype)
+                        beta = mesh.sequence.part(full_beta, mesh.rank("sp")).to(device, dtype)
                         exchange = "scan" if method == "delta-scan" else "allgather"
                         out = delta_rule_attention(q, torch.nn.functional.normalize(k, dim=-1), v,
                                                    beta.requires_grad_(), mesh.group("sp"), exchange=exchange,

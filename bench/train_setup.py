@@ -22,7 +22,7 @@ def init_single_process() -> ParallelMesh:
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(name, value)
-    return init_distributed(dp=1, pp=1, tp=1, sp=1).mesh
+    return init_distributed(dp=1, pp=1, tp=1).mesh
 
 
 def build_model(mesh: ParallelMesh, config: str, kernels: str, device: str,

@@ -10,10 +10,10 @@ from ithaca.parallel.halo import sequence_parallel_causal_conv1d
 from ithaca.parallel.lasp2 import lasp2_attention
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
 from ithaca.parallel.ring import ring_attention
-from ithaca.parallel.sequence_layout import sequence_part
+from ithaca.parallel.sequence_layout import SequenceLayout, sequence_part
 from ithaca.parallel.ulysses import ulysses_attention
 from ithaca.parallel.usp import usp_attention
 from ithaca.parallel.zigzag import zigzag_merge, zigzag_split
 
-__all__ = ["ParallelMesh", "allgather_kv_attention", "build_mesh", "delta_rule_attention", "lasp2_attention", "ring_attention", "sequence_parallel_causal_conv1d", "sequence_part", "ulysses_attention", "usp_attention",
+__all__ = ["ParallelMesh", "SequenceLayout", "allgather_kv_attention", "build_mesh", "delta_rule_attention", "lasp2_attention", "ring_attention", "sequence_parallel_causal_conv1d", "sequence_part", "ulysses_attention", "usp_attention",
            "zigzag_merge", "zigzag_split"]

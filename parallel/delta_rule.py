@@ -38,7 +38,6 @@ Neither depends on the sequence length.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -46,7 +45,7 @@ import torch.distributed as dist
 from ithaca.kernels.delta_rule import DeltaRuleImpl, delta_rule
 from ithaca.kernels.linear_attention import check_linear_attention_inputs
 from ithaca.parallel.gather import gather_states
-from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.sequence_layout import StateExchange, piece_order
 from ithaca.parallel.state_scan import PendingScan, ScanPlan, scan_states
 
 
@@ -82,7 +81,7 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
                          group: dist.ProcessGroup, *, log_decay: torch.Tensor | None = None,
                          scale: float | None = None, resets: torch.Tensor | None = None, ring: int = 1,
                          impl: DeltaRuleImpl = "auto",
-                         exchange: Literal["allgather", "scan"] = "allgather") -> torch.Tensor:
+                         exchange: StateExchange = "allgather") -> torch.Tensor:
     """The gated delta rule (ithaca.kernels.delta_rule.delta_rule) over a sequence split across `group`.
 
     q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t

@@ -26,7 +26,6 @@ the prefix for each; hybrids keep one layout for their softmax and linear layers
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -34,10 +33,9 @@ import torch.distributed as dist
 from ithaca.kernels.linear_attention import (LinearAttentionImpl, check_linear_attention_inputs, chunk_memory,
                                              expand_log_decay, linear_attention, state_reach)
 from ithaca.parallel.gather import PendingGather, gather_states
-from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.sequence_layout import StateExchange, piece_order
 from ithaca.parallel.state_scan import PendingScan, ScanPlan, scan_states
 
-Exchange = Literal["allgather", "scan"]
 
 
 def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
@@ -55,7 +53,7 @@ def _prefix_weights(carries: torch.Tensor, piece: int) -> torch.Tensor:
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                     log_decay: torch.Tensor | None = None, scale: float | None = None,
                     resets: torch.Tensor | None = None, ring: int = 1,
-                    impl: LinearAttentionImpl = "auto", exchange: Exchange = "allgather") -> torch.Tensor:
+                    impl: LinearAttentionImpl = "auto", exchange: StateExchange = "allgather") -> torch.Tensor:
     """Exact linear attention with decay over a sequence split across `group`.
 
     q, k [b, s, h, d_k] and v [b, s, h, d_v]: this rank's part, contiguous by default (rank t

@@ -20,19 +20,29 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ithaca.parallel.sequence_layout import SequenceLayout
+
 AXES = ("pp", "dp", "ring", "ulysses", "tp")  # slowest to fastest; "sp" and "dp_sp" are flattened
 
 
 @dataclass(frozen=True)
 class ParallelMesh:
-    """Named axes over a torch DeviceMesh: "dp", "pp", "tp", "sp" (= "ring" x "ulysses") and "dp_sp"."""
+    """Named axes over a torch DeviceMesh: "dp", "pp", "tp", "sp" (= "ring" x "ulysses") and "dp_sp",
+    and the sequence layout whose ring and Ulysses groups they are."""
 
     device_mesh: DeviceMesh
     dp: int
     pp: int
     tp: int
-    sp: int
-    ring: int
+    sequence: SequenceLayout
+
+    @property
+    def sp(self) -> int:
+        return self.sequence.sp
+
+    @property
+    def ring(self) -> int:
+        return self.sequence.ring
 
     def group(self, axis: str) -> dist.ProcessGroup:
         """The process group along one axis: "dp", "pp", "tp", "sp", "ring", "ulysses" or "dp_sp"."""
@@ -46,17 +56,19 @@ class ParallelMesh:
         return dist.get_process_group_ranks(self.group(axis))
 
 
-def build_mesh(*, dp: int, pp: int, tp: int, sp: int, device_type: str, ring: int = 1) -> ParallelMesh:
-    """Build every group of the layout; needs an initialized default process group of dp*pp*tp*sp ranks.
+def build_mesh(*, dp: int, pp: int, tp: int, device_type: str,
+               sequence: SequenceLayout = SequenceLayout()) -> ParallelMesh:
+    """Build every group of the layout; needs an initialized default process group of
+    dp*pp*tp*sequence.sp ranks. `sequence` (default: no sequence parallelism) says how the sp ranks
+    split a sequence; its ring degree shapes the "ring" and "ulysses" axes, e.g.
 
-    `ring` is how many of the sp ranks form the attention ring (it must divide sp).
+        build_mesh(dp=1, pp=1, tp=1, device_type="cpu", sequence=SequenceLayout(sp=2, sp_method="ring"))
     """
+    sp, ring = sequence.sp, sequence.ring
     world = dist.get_world_size()
     if dp * pp * tp * sp != world:
         raise ValueError(f"build_mesh: dp*pp*tp*sp={dp * pp * tp * sp} must equal the world size {world}")
-    if sp % ring:
-        raise ValueError(f"build_mesh: ring={ring} must divide sp={sp}")
     mesh = init_device_mesh(device_type, (pp, dp, ring, sp // ring, tp), mesh_dim_names=AXES)
     mesh["ring", "ulysses"]._flatten("sp")
     mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
-    return ParallelMesh(device_mesh=mesh, dp=dp, pp=pp, tp=tp, sp=sp, ring=ring)
+    return ParallelMesh(device_mesh=mesh, dp=dp, pp=pp, tp=tp, sequence=sequence)

@@ -1,15 +1,17 @@
 """One step from a model description to a model laid out on a mesh, torchtitan-style.
 
-    model = parallelize_llama(args, mesh, sp_method="ring", seed=0, dtype=torch.bfloat16)
+    mesh = build_mesh(dp=1, pp=1, tp=2, device_type="cuda", sequence=SequenceLayout(sp=4, sp_method="ring"))
+    model = parallelize_llama(args, mesh, seed=0, dtype=torch.bfloat16)
 
 - tp: megatron-core's layers are built already split over the mesh's tp group (weights drawn
   whole, then split), from `model_parallel_config(mesh)`;
 - pp: with mesh.pp > 1 the model is built as DeepSpeed pipeline stages (parallel/pipeline.py),
   each rank holding only its own stage's parts;
-- sp: every mixer's `attend` is swapped for the sequence-parallel method of its kind: softmax
-  layers get `sp_method` (Ulysses, ring, USP or all-gather K/V), linear layers LASP-2 and Gated
-  DeltaNet layers `delta_rule_attention` (with the halo exchange for their short convolution), all
-  in the same sequence layout;
+- sp: every mixer's `attend` is swapped for the sequence-parallel method of its kind, as the
+  mesh's sequence layout (`mesh.sequence`) says: softmax layers get its softmax method (Ulysses,
+  ring, USP or all-gather K/V), linear layers LASP-2 and Gated DeltaNet layers
+  `delta_rule_attention` (with the halo exchange for their short convolution), with its state
+  exchange, all in the same split of the sequence;
 - activation checkpointing is the model's own (`args.activation_checkpointing`);
 - `args.init_from` (a Hugging Face Llama folder): each rank reads only the tensors of its own
   parameters, maps them to our names (models/hf_llama.py) and keeps its tp part (models/state_layout.py),
@@ -20,7 +22,6 @@ Nothing here reads a config file or imports the launcher.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from ithaca.models.state_layout import canonical_layout, canonical_name, shard
 from ithaca.parallel.allgather_kv import allgather_kv_attention
 from ithaca.parallel.delta_rule import delta_rule_attention
 from ithaca.parallel.halo import sequence_parallel_causal_conv1d
-from ithaca.parallel.lasp2 import Exchange, lasp2_attention
+from ithaca.parallel.lasp2 import lasp2_attention
 from ithaca.parallel.megatron_bridge import model_parallel_config
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.ring import ring_attention
@@ -46,47 +47,47 @@ from ithaca.parallel.usp import usp_attention
 
 log = get_logger(__name__)
 
-SpMethod = Literal["ulysses", "ring", "usp", "allgather"]
 
-
-def softmax_attend(mesh: ParallelMesh, sp_method: SpMethod, kernels: KernelChoice = "auto") -> SoftmaxAttend:
-    """Causal softmax attention for this mesh: local, or split over sp by `sp_method`."""
+def softmax_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> SoftmaxAttend:
+    """Causal softmax attention for this mesh: local, or split over sp by its layout's sp_method."""
+    method = mesh.sequence.sp_method
     if mesh.sp == 1:
         return LocalSoftmaxAttend(kernels)
-    if sp_method == "ulysses":
+    if method == "ulysses":
         return partial(ulysses_attention, group=mesh.group("sp"), causal=True, impl=kernels)
-    if sp_method == "ring":
+    if method == "ring":
         return partial(ring_attention, group=mesh.group("ring"), causal=True, impl=kernels)
-    if sp_method == "usp":
+    if method == "usp":
         return partial(usp_attention, ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"), causal=True,
                        impl=kernels)
     return partial(allgather_kv_attention, group=mesh.group("sp"), causal=True, ring=mesh.ring, impl=kernels)
 
 
-def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto", exchange: Exchange = "allgather") -> LinearAttend:
+def linear_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> LinearAttend:
     """Linear attention for this mesh: the local chunked form, or LASP-2 over sp in the mesh's layout,
-    its states all-gathered or scanned (`exchange`)."""
+    its states all-gathered or scanned (the layout's `linear_sp_exchange`)."""
     if mesh.sp == 1:
         return LocalLinearAttend(kernels)
-    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels, exchange=exchange)
+    return partial(lasp2_attention, group=mesh.group("sp"), ring=mesh.ring, impl=kernels,
+                   exchange=mesh.sequence.linear_sp_exchange)
 
 
-def delta_rule_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto",
-                      exchange: Exchange = "allgather") -> tuple[DeltaRuleAttend, ShortConv]:
+def delta_rule_attend(mesh: ParallelMesh, kernels: KernelChoice = "auto") -> tuple[DeltaRuleAttend, ShortConv]:
     """The delta rule and the short convolution for this mesh: local, or over sp in the mesh's
-    layout (transition pairs all-gathered or states scanned, `exchange`; the conv's halos point to point)."""
+    layout (transition pairs all-gathered or states scanned, the layout's `linear_sp_exchange`; the
+    conv's halos point to point)."""
     if mesh.sp == 1:
         return LocalDeltaRuleAttend(kernels), local_short_conv
     group = mesh.group("sp")
-    return (partial(delta_rule_attention, group=group, ring=mesh.ring, impl=kernels, exchange=exchange),
+    return (partial(delta_rule_attention, group=group, ring=mesh.ring, impl=kernels,
+                    exchange=mesh.sequence.linear_sp_exchange),
             partial(sequence_parallel_causal_conv1d, group=group, ring=mesh.ring))
 
 
-def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpMethod,
-                            kernels: KernelChoice = "auto", exchange: Exchange = "allgather") -> nn.Module:
+def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, kernels: KernelChoice = "auto") -> nn.Module:
     """Give every mixer in `model` (a Llama or pipeline stages) the attention of its kind for `mesh`."""
-    softmax, linear = softmax_attend(mesh, sp_method, kernels), linear_attend(mesh, kernels, exchange)
-    delta, conv = delta_rule_attend(mesh, kernels, exchange)
+    softmax, linear = softmax_attend(mesh, kernels), linear_attend(mesh, kernels)
+    delta, conv = delta_rule_attend(mesh, kernels)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = softmax
@@ -97,10 +98,12 @@ def apply_sequence_parallel(model: nn.Module, mesh: ParallelMesh, sp_method: SpM
     return model
 
 
-def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, sp_method: SpMethod = "ulysses", seed: int = 0,
-                      dtype: torch.dtype = torch.float32, pp_split: list[int] | None = None) -> nn.Module:
+def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      pp_split: list[int] | None = None) -> nn.Module:
     """This rank's part of the model `args` on `mesh`: a Llama, or with mesh.pp > 1 a DeepSpeed
     PipelineModule of this rank's stage (`pp_split`: blocks per stage; None balances parameters).
+    Sequence parallelism follows `mesh.sequence` (`args.linear_sp_exchange` is not read here: the
+    launcher puts it into the mesh's layout).
     Weights are drawn from `seed`, or with `args.init_from` read from that Hugging Face folder
     (raises ValueError naming its config.json field that differs from `args`)."""
     mp = model_parallel_config(mesh, dtype)
@@ -111,7 +114,7 @@ def parallelize_llama(args: LlamaArgs, mesh: ParallelMesh, *, sp_method: SpMetho
         model = Llama(args, mp, seed=seed, tp_group=mesh.group("tp"))
     if args.init_from is not None:
         load_hf_weights(model, args, mesh)
-    return apply_sequence_parallel(model, mesh, sp_method, args.kernels, args.linear_sp_exchange)
+    return apply_sequence_parallel(model, mesh, args.kernels)
 
 
 def load_hf_weights(model: nn.Module, args: LlamaArgs, mesh: ParallelMesh) -> None:

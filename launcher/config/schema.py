@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ithaca.models.llama_args import LlamaArgs
+from ithaca.parallel.sequence_layout import LayoutError, SequenceLayout, SoftmaxMethod, StateExchange
 
 
 class ConfigError(ValueError):
@@ -21,13 +22,23 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r}: {fix}")
 
 
+def sequence_layout(p: "ParallelConfig", linear_sp_exchange: StateExchange) -> SequenceLayout:
+    """The layout `p` describes; its LayoutError becomes a ConfigError naming the config key."""
+    try:
+        return SequenceLayout(sp=p.sp, sp_method=p.sp_method, ulysses_degree=p.ulysses_degree,
+                              linear_sp_exchange=linear_sp_exchange)
+    except LayoutError as err:
+        section = "model" if err.field == "linear_sp_exchange" else "parallel"
+        raise ConfigError(f"{section}.{err.field}", err.value, err.fix) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
     sp: int = 1
-    sp_method: Literal["ulysses", "ring", "usp", "allgather"] = "ulysses"
+    sp_method: SoftmaxMethod = "ulysses"
     """How softmax attention splits the sequence over the sp ranks: Ulysses all-to-all (needs heads
     divisible by sp), ring attention (any head count), usp: Ulysses inside groups of
     ulysses_degree ranks and a ring across the groups, or allgather: every rank gathers all K/V
@@ -46,24 +57,8 @@ class ParallelConfig:
         if self.pp_split is not None and (len(self.pp_split) != self.pp or min(self.pp_split) < 1):
             raise ConfigError("parallel.pp_split", list(self.pp_split),
                               f"give pp={self.pp} block counts, each >= 1 (every stage holds a block)")
-        if self.sp_method == "usp":
-            if self.ulysses_degree is None or self.ulysses_degree < 1 or self.sp % self.ulysses_degree:
-                raise ConfigError("parallel.ulysses_degree", self.ulysses_degree,
-                                  f"usp needs ulysses_degree dividing sp={self.sp} (ulysses_degree x ring "
-                                  "degree = sp)")
-        elif self.ulysses_degree is not None:
-            raise ConfigError("parallel.ulysses_degree", self.ulysses_degree,
-                              f"only used with sp_method: usp (sp_method is {self.sp_method}); remove it")
+        sequence_layout(self, "allgather")  # its checks, here where the fields are read
 
-    @property
-    def ulysses(self) -> int:
-        """Ranks in each Ulysses all-to-all group (which must split the heads)."""
-        return {"ulysses": self.sp, "ring": 1, "usp": self.ulysses_degree, "allgather": 1}[self.sp_method]
-
-    @property
-    def ring(self) -> int:
-        """Ranks in each attention ring; >1 means the zigzag sequence layout."""
-        return {"ulysses": 1, "ring": self.sp, "usp": self.sp // (self.ulysses_degree or 1), "allgather": 1}[self.sp_method]
 
     @property
     def world_size(self) -> int:
@@ -235,7 +230,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         p = self.parallel
-        tp, sp, ulysses = p.tp, p.sp, p.ulysses
+        tp, sp, ulysses = p.tp, p.sp, self.sequence.ulysses
         heads, kv_heads = self.model.n_heads, self.model.kv_heads
         if heads % (tp * ulysses):
             raise ConfigError("parallel", {"tp": tp, "sp": sp, "sp_method": p.sp_method},
@@ -253,7 +248,7 @@ class RunConfig:
         if self.model.vocab_size % tp:
             raise ConfigError("model.vocab_size", self.model.vocab_size,
                               f"must be divisible by tp={tp}; pad it to a multiple of {tp}")
-        chunks = sp if p.ring == 1 else 2 * sp  # the ring's zigzag cuts 2 chunks per ring rank
+        chunks = self.sequence.chunks  # the ring's zigzag cuts 2 chunks per rank
         if self.data.seq_len % chunks:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"must be divisible by {chunks} (sp={sp}, sp_method={p.sp_method})")
@@ -287,6 +282,11 @@ class RunConfig:
                               f"gives {self.grad_accum_steps} micro-batches per step, fewer than pp={p.pp} stages "
                               f"(the pipeline would idle most of each step); use global_batch >= "
                               f"{p.pp * self.train.micro_batch * p.dp} (pp*micro_batch*dp)")
+
+    @property
+    def sequence(self) -> SequenceLayout:
+        """The run's sequence layout: `parallel.sp`, `sp_method`, `ulysses_degree` and `model.linear_sp_exchange`."""
+        return sequence_layout(self.parallel, self.model.linear_sp_exchange)
 
     @property
     def grad_accum_steps(self) -> int:

@@ -12,6 +12,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from ithaca.parallel.megatron_bridge import initialize_megatron
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
+from ithaca.parallel.sequence_layout import SequenceLayout
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -51,9 +52,10 @@ class Distributed:
     device: torch.device
 
 
-def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1,
+def init_distributed(*, dp: int, pp: int, tp: int, sequence: SequenceLayout = SequenceLayout(),
                      collective_timeout: float | None = None) -> Distributed:
-    """Start the default process group (if needed), the mesh and megatron-core's groups.
+    """Start the default process group (if needed), the mesh (its sp ranks laid out by `sequence`)
+    and megatron-core's groups.
 
     `collective_timeout` (seconds) bounds every collective of every group the run creates: a
     rank that died or hangs makes the others fail instead of wait forever. torch gives groups
@@ -72,6 +74,6 @@ def init_distributed(*, dp: int, pp: int, tp: int, sp: int, ring: int = 1,
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=None if collective_timeout is None else timeout,
                                 **_attempt_store())
-    mesh = build_mesh(dp=dp, pp=pp, tp=tp, sp=sp, ring=ring, device_type=device.type)
+    mesh = build_mesh(dp=dp, pp=pp, tp=tp, device_type=device.type, sequence=sequence)
     initialize_megatron(mesh)
     return Distributed(mesh=mesh, device=device)

@@ -75,10 +75,10 @@ def record_steps(cfg: RunConfig, steps: int) -> list[StepGrads]:
     if cfg.train.precision != "fp32":
         raise ValueError(f"train.precision={cfg.train.precision}: the check compares fp32 runs; set it to fp32")
     p, n_layers = cfg.parallel, cfg.model.n_layers
-    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, ring=p.ring,
+    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sequence=cfg.sequence,
                            collective_timeout=cfg.train.collective_timeout)
     mesh = ctx.mesh
-    model = parallelize_llama(cfg.model, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=torch.float32,
+    model = parallelize_llama(cfg.model, mesh, seed=cfg.train.seed, dtype=torch.float32,
                               pp_split=None if p.pp_split is None else list(p.pp_split))
     break_for_tests(model, mesh.sp, mesh.rank("sp"), n_layers)
     engine = build_engine(cfg, model, mesh)

@@ -41,7 +41,6 @@ from ithaca.log import get_logger
 from ithaca.parallel.mesh import ParallelMesh
 from ithaca.parallel.parallelize import parallelize_llama
 from ithaca.parallel.pipeline import gradient_divisor, micro_batch_inputs
-from ithaca.parallel.sequence_layout import sequence_part
 
 log = get_logger(__name__)
 
@@ -72,7 +71,7 @@ def sequence_slice(window: torch.Tensor, mesh: ParallelMesh, eos_id: int | None)
     else:
         doc_ids = document_ids(tokens, eos_id)
         positions, resets = document_positions(doc_ids), document_starts(doc_ids)
-    return [None if t is None else sequence_part(t, sp_rank=mesh.rank("sp"), sp=mesh.sp, ring=mesh.ring)
+    return [None if t is None else mesh.sequence.part(t, sp_rank=mesh.rank("sp"))
             for t in (tokens, labels, positions, doc_ids, resets)]
 
 
@@ -115,7 +114,7 @@ def train_step(engine, micro_batches: list[torch.Tensor], mesh: ParallelMesh, de
 def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecord]:
     """Train `cfg` in an initialized torchrun environment; returns rank 0's step records."""
     p = cfg.parallel
-    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, ring=p.ring,
+    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sequence=cfg.sequence,
                            collective_timeout=cfg.train.collective_timeout)
     mesh, rank = ctx.mesh, dist.get_rank()
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -129,7 +128,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     # A resumed run's weights come from its checkpoint: model.init_from's folder is not read again.
     model_args = cfg.model if resume is None else dataclasses.replace(cfg.model, init_from=None)
-    model = parallelize_llama(model_args, mesh, sp_method=p.sp_method, seed=cfg.train.seed, dtype=dtype,
+    model = parallelize_llama(model_args, mesh, seed=cfg.train.seed, dtype=dtype,
                               pp_split=None if p.pp_split is None else list(p.pp_split))
     engine = build_engine(cfg, model, mesh)
     meter = StepMeter(cfg.model, cfg.data.seq_len, ctx.device, dist.get_world_size(), cfg.train.peak_tflops)

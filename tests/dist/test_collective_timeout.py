@@ -20,7 +20,7 @@ def _wait_on_a_silent_rank() -> list[tuple[str, float, str]]:
 
     from ithaca.launcher.runtime.distributed import init_distributed
 
-    ctx = init_distributed(dp=2, pp=1, tp=1, sp=1, collective_timeout=TIMEOUT)  # starts the default group too
+    ctx = init_distributed(dp=2, pp=1, tp=1, collective_timeout=TIMEOUT)  # starts the default group too
     groups = {"mesh dp": ctx.mesh.group("dp"), "megatron dp": parallel_state.get_data_parallel_group()}
     if dist.get_rank() == 1:
         time.sleep(2.5 * TIMEOUT * len(groups))  # never joins; returns once rank 0 is done waiting

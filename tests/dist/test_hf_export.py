@@ -69,7 +69,7 @@ def _logits_of(args, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> to
     from ithaca.parallel.megatron_bridge import initialize_megatron, model_parallel_config
     from ithaca.parallel.mesh import build_mesh
 
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, ring=1, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=1, tp=1, device_type="cpu")
     initialize_megatron(mesh)  # megatron-core's layers read their tp group from it
     model = Llama(args, model_parallel_config(mesh, torch.float32))
     model.load_state_dict({k: v.float() for k, v in state.items()})

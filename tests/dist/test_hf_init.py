@@ -61,22 +61,21 @@ def _our_token_losses(folder: str, tp: int, sp: int, sp_method: str, windows: to
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama
-    from ithaca.parallel.sequence_layout import sequence_part
+    from ithaca.parallel.sequence_layout import SequenceLayout
     from ithaca.parallel.zigzag import zigzag_merge
 
-    ring = sp if sp_method == "ring" else 1
-    mesh = build_mesh(dp=1, pp=1, tp=tp, sp=sp, ring=ring, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=1, tp=tp, device_type="cpu", sequence=SequenceLayout(sp=sp, sp_method=sp_method))
     initialize_megatron(mesh)
     config = json.loads((Path(folder) / "config.json").read_text())
     args = llama_args_from_hf(config, "config.json", init_from=folder)
-    model = parallelize_llama(args, mesh, sp_method=sp_method, seed=7)  # the seed's weights are all replaced
-    part = lambda t: sequence_part(t, sp_rank=mesh.rank("sp"), sp=sp, ring=ring)  # noqa: E731
+    model = parallelize_llama(args, mesh, seed=7)  # the seed's weights are all replaced
+    part = lambda t: mesh.sequence.part(t, sp_rank=mesh.rank("sp"))  # noqa: E731
     positions = torch.arange(windows.shape[1] - 1).expand(windows.shape[0], -1)
     with torch.no_grad():
         losses = model(part(windows[:, :-1]), part(positions), part(windows[:, 1:]))
     pieces = [torch.empty_like(losses) for _ in range(sp)]
     dist.all_gather(pieces, losses, group=mesh.group("sp"))
-    return zigzag_merge(pieces, dim=1) if ring > 1 else torch.cat(pieces, dim=1)
+    return zigzag_merge(pieces, dim=1) if mesh.ring > 1 else torch.cat(pieces, dim=1)
 
 
 @pytest.mark.parametrize("world, tp, sp, sp_method", [(1, 1, 1, "ulysses"), (2, 2, 1, "ulysses"), (2, 1, 2, "ring")])
@@ -95,7 +94,7 @@ def _pipeline_params(folder: str) -> dict[str, torch.Tensor]:
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama
 
-    mesh = build_mesh(dp=1, pp=2, tp=1, sp=1, ring=1, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=2, tp=1, device_type="cpu")
     initialize_megatron(mesh)
     args = llama_args_from_hf(json.loads((Path(folder) / "config.json").read_text()), "config.json", init_from=folder)
     return {n: p.detach().clone() for n, p in parallelize_llama(args, mesh).named_parameters()}
@@ -148,7 +147,7 @@ def _refusal(folder: str, overrides: dict) -> str:
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama
 
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, ring=1, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=1, tp=1, device_type="cpu")
     initialize_megatron(mesh)
     numbers = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, norm_eps=1e-5)
     args = LlamaArgs(**{**numbers, **overrides}, init_from=folder)

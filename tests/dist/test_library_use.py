@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from harness import run_ranks
@@ -18,16 +19,16 @@ def _hybrid_losses(sp: int) -> tuple[torch.Tensor, bool]:
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama
-    from ithaca.parallel.sequence_layout import sequence_part
+    from ithaca.parallel.sequence_layout import SequenceLayout
     from ithaca.parallel.zigzag import zigzag_merge
 
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=sp, ring=sp, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=1, tp=1, device_type="cpu", sequence=SequenceLayout(sp=sp, sp_method="ring"))
     initialize_megatron(mesh)
     args = LlamaArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, layer_pattern="LS",
                      activation_checkpointing="selective")
-    model = parallelize_llama(args, mesh, sp_method="ring", seed=3)
+    model = parallelize_llama(args, mesh, seed=3)
     window = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
-    part = lambda t: sequence_part(t, sp_rank=mesh.rank("sp"), sp=sp, ring=sp)  # noqa: E731
+    part = lambda t: mesh.sequence.part(t, mesh.rank("sp"))  # noqa: E731
     positions = torch.arange(32).expand(2, 32)
     losses = model(part(window[:, :-1]), part(positions), part(window[:, 1:]))
     losses.sum().backward()
@@ -42,3 +43,23 @@ def test_parallelize_without_the_launcher_matches_one_process():
     (parallel, launcher_parallel), _ = run_ranks(_hybrid_losses, 2, 2)
     assert not launcher_single and not launcher_parallel
     torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-6)  # fp32: reduction order only
+
+
+def test_the_mesh_owns_the_sequence_method_so_they_cannot_disagree():
+    """Once `build_mesh(..., sp=2)` (ring degree 1 by default) then `parallelize_llama(..., sp_method="ring")`
+    built a ring of one rank: each rank attended to its own piece only, silently. Now the method is
+    part of the mesh's SequenceLayout, checked once, and neither call takes it apart."""
+    from ithaca.parallel.mesh import build_mesh
+    from ithaca.parallel.parallelize import parallelize_llama
+    from ithaca.parallel.sequence_layout import LayoutError, SequenceLayout
+
+    with pytest.raises(TypeError, match="sp_method"):
+        parallelize_llama(None, None, sp_method="ring")
+    with pytest.raises(TypeError, match="'sp'"):
+        build_mesh(dp=1, pp=1, tp=1, sp=2, device_type="cpu")
+    ring = SequenceLayout(sp=2, sp_method="ring")
+    assert (ring.ring, ring.ulysses, ring.chunks) == (2, 1, 4)
+    with pytest.raises(LayoutError, match="^ulysses_degree=3: usp needs ulysses_degree dividing sp=4"):
+        SequenceLayout(sp=4, sp_method="usp", ulysses_degree=3)
+    with pytest.raises(LayoutError, match="^sp_method='rings': use one of ulysses, ring, usp, allgather"):
+        SequenceLayout(sp=2, sp_method="rings")

@@ -19,17 +19,18 @@ CASES = [  # (heads, kv_heads, head_dim, causal, packed documents)
 
 
 def _all_cases(ring: int) -> int:
-    from ithaca.parallel import build_mesh, sequence_part, usp_attention
+    from ithaca.parallel import SequenceLayout, build_mesh, usp_attention
 
     world = dist.get_world_size()
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=world, ring=ring, device_type="cpu")
+    layout = SequenceLayout(sp=world, sp_method="usp", ulysses_degree=world // ring)
+    mesh = build_mesh(dp=1, pp=1, tp=1, device_type="cpu", sequence=layout)
     sp_rank = mesh.rank("sp")
     assert mesh.ranks("sp") == list(range(world)) and len(mesh.ranks("ulysses")) == world // ring
     for i, (heads, kv_heads, head_dim, causal, packed) in enumerate(CASES):
         check_attention_twin(
             lambda q, k, v, doc_ids: usp_attention(q, k, v, mesh.group("ulysses"), mesh.group("ring"),
                                                    causal=causal, doc_ids=doc_ids),
-            lambda t: sequence_part(t, sp_rank=sp_rank, sp=world, ring=ring), b=2, n=4 * 2 * world, heads=heads,
+            lambda t: layout.part(t, sp_rank), b=2, n=4 * 2 * world, heads=heads,
             kv_heads=kv_heads, head_dim=head_dim, causal=causal, packed=packed, seed=i, tol=TOL,
             where=f"case {i} ring {ring} rank {sp_rank}/{world}")
     return len(CASES)

@@ -40,7 +40,7 @@ def _run_modes(config: str, overrides: list[str]) -> dict[str, dict]:
     from ithaca.parallel.parallelize import parallelize_llama
 
     cfg = load_config(config, ["data.path=unused", "parallel.dp=1", "parallel.sp=1", *overrides])
-    mesh = build_mesh(dp=1, pp=1, tp=1, sp=1, device_type="cpu")
+    mesh = build_mesh(dp=1, pp=1, tp=1, device_type="cpu")
     initialize_megatron(mesh)
     gen = torch.Generator().manual_seed(1)
     rows = []

@@ -99,9 +99,9 @@ def test_sequence_parallel_method_checks(overrides, field, fix):
 
 def test_ring_lifts_the_head_limit_and_usp_splits_sp():
     ring = load("parallel.sp_method=ring", "parallel.sp=8", "parallel.dp=1")  # 4 heads, sp 8: fine for a ring
-    assert (ring.parallel.ring, ring.parallel.ulysses) == (8, 1)
+    assert (ring.sequence.ring, ring.sequence.ulysses) == (8, 1)
     usp = load("parallel.sp_method=usp", "parallel.sp=4", "parallel.dp=1", "parallel.ulysses_degree=2")
-    assert (usp.parallel.ring, usp.parallel.ulysses) == (2, 2)
+    assert (usp.sequence.ring, usp.sequence.ulysses) == (2, 2)
 
 
 def test_zero3_is_accepted_with_sequence_parallelism():  # parallel/zero3.py makes its gradients exact

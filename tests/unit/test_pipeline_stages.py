@@ -38,12 +38,12 @@ def _built_part_sizes(variants: dict[str, dict]) -> dict[str, tuple[list[int], l
     from ithaca.parallel.mesh import build_mesh
     from ithaca.parallel.parallelize import parallelize_llama
 
-    initialize_megatron(build_mesh(dp=1, pp=1, tp=1, sp=1, device_type="cpu"))
+    initialize_megatron(build_mesh(dp=1, pp=1, tp=1, device_type="cpu"))
     sizes = {}
     for name, changes in variants.items():
         args = dataclasses.replace(load_config("debug-hybrid-cpu", ["data.path=unused", "parallel.sp=1"]).model,
                                    **changes)
-        model = parallelize_llama(args, build_mesh(dp=1, pp=1, tp=1, sp=1, device_type="cpu"))
+        model = parallelize_llama(args, build_mesh(dp=1, pp=1, tp=1, device_type="cpu"))
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
         built = [count(model.embed), *map(count, model.blocks), count(model.norm) + count(model.head)]
         sizes[name] = (args.part_parameters(), built)
