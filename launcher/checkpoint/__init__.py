@@ -1,1 +1,1 @@
-"""Checkpoints: save and load with verification, resharding across layouts, consolidation, export."""
+"""Checkpoints: their format and verification, save and load, resharding across layouts, consolidation, export."""

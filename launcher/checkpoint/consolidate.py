@@ -17,7 +17,7 @@ resolved config (`<output_dir>/config.yaml`, two folders above a checkpoint in t
 `<output_dir>/checkpoints/step_N`), or a config given explicitly.
 
 Before anything is unpickled, every file is checked against the checkpoint's manifest (size and
-sha256, launcher/checkpoint/store.py), and every load is `torch.load(weights_only=True)`.
+sha256), and every load is `torch.load(weights_only=True)` (launcher/checkpoint/format.py).
 
 `full_training_state` reads, besides the weights, what resuming under another layout needs
 (launcher/checkpoint/reshard.py): each parameter's fp32 master and AdamW moments, whole. ZeRO 1/2 and
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ithaca.launcher.checkpoint.store import LATEST, MANIFEST, _check_file, _load_weights_only, _read_manifest
+from ithaca.launcher.checkpoint.format import LATEST, load_weights_only, main_states_file, verify_alone
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.config.load import load_config
 from ithaca.models.llama_args import LlamaArgs
@@ -65,7 +65,7 @@ def full_model_state(ckpt: Path, config: Path | None = None) -> tuple[RunConfig,
     shape differs from what the config's model has.
     """
     path = ckpt / (ckpt / LATEST).read_text().strip() if (ckpt / LATEST).is_file() else ckpt
-    _verify(path)
+    verify_alone(path)
     config = config or path.parent.parent / "config.yaml"
     if not config.is_file():
         raise ValueError(f"{config}: missing; the run's resolved config names the model of {path}; give the "
@@ -109,15 +109,8 @@ def full_training_state(path: Path, args: LlamaArgs) -> TrainingState:
         raise ValueError(f"{path}: holds no optimizer {missing[0]} (saved before the first step?); resume it "
                          "under the layout that wrote it")
     tensors = {key: _join(p, args, path, "this run's config") for key, p in parts.items()}
-    engine = {k: v for k, v in _load_weights_only(main_states_file(path), "cpu").items() if k != "module"}
+    engine = {k: v for k, v in load_weights_only(main_states_file(path), "cpu").items() if k != "module"}
     return TrainingState(params=tensors.pop("param"), moments=tensors, optimizer_step=step, engine=engine)
-
-
-def main_states_file(path: Path) -> Path:
-    """The model states file of (dp, tp, pp) rank 0 in checkpoint `path`: where DeepSpeed keeps the lr
-    schedule, the step counters and the client state."""
-    zero3 = path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    return zero3 if zero3.is_file() else path / "mp_rank_00_model_states.pt"
 
 
 def _sliced_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple[dict[str, TpParts], float]:
@@ -132,9 +125,9 @@ def _sliced_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple[dict[s
         if sorted(by_rank) != list(range(len(by_rank))):
             raise ValueError(f"{path}: optimizer files of mp rank {mp} are dp x sp ranks {sorted(by_rank)}; a file "
                              "is missing")
-        main = _load_weights_only(path / f"mp_rank_{mp:02d}_model_states.pt", "cpu")
+        main = load_weights_only(path / f"mp_rank_{mp:02d}_model_states.pt", "cpu")
         tp_rank = mp % main["checkpoint_parallel_dimensions"]["tp_degree"]  # mp = stage * tp + tp rank
-        states = [_load_weights_only(path / by_rank[r], "cpu")["optimizer_state_dict"] for r in range(len(by_rank))]
+        states = [load_weights_only(path / by_rank[r], "cpu")["optimizer_state_dict"] for r in range(len(by_rank))]
         for group, group_shapes in enumerate(main["param_shapes"]):
             adam = [s["base_optimizer_state"]["state"].get(group, {}) for s in states]
             flats = {"param": [s["single_partition_of_fp32_groups"][group] for s in states],
@@ -157,7 +150,7 @@ def _unpartitioned_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {key: {} for key in ("param", *MOMENTS)}
     step = 0.0
     for tp_rank, name in modules.items():
-        saved = _load_weights_only(path / name, "cpu")
+        saved = load_weights_only(path / name, "cpu")
         if saved["module"] is None or not saved.get("optimizer"):
             raise ValueError(f"{path / name}: holds no module with its optimizer state (pipeline stages without "
                              "ZeRO); resume it under the layout that wrote it")
@@ -177,21 +170,6 @@ def _unpartitioned_parts(path: Path, names: list[str], args: LlamaArgs) -> tuple
     return {key: _in_rank_order(held, path, "mp_rank_<tp>") for key, held in parts.items()}, step
 
 
-def _verify(path: Path) -> None:
-    """launcher/checkpoint/store.py's manifest check, in this process alone (verify_checkpoint is collective)."""
-    manifest = _read_manifest(path)
-    if isinstance(manifest, str):
-        raise ValueError(manifest)
-    for entry in manifest["files"]:
-        problem = _check_file(path, entry)
-        if problem is not None:
-            raise ValueError(problem)
-    listed = {e["path"] for e in manifest["files"]} | {MANIFEST}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if file.relative_to(path).as_posix() not in listed:
-            raise ValueError(f"{file}: not listed in {MANIFEST}")
-
-
 def _tp_parts(path: Path, args: LlamaArgs) -> TpParts:
     """Each tp rank's tensors, canonical names, from whichever files the layout wrote."""
     names = sorted(p.name for p in path.iterdir())
@@ -200,7 +178,7 @@ def _tp_parts(path: Path, args: LlamaArgs) -> TpParts:
         parts: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         for m, name in layers:
             part, tp_rank = int(m[1]), int(m[2])
-            for key, tensor in _tensors(_load_weights_only(path / name, "cpu")).items():
+            for key, tensor in _tensors(load_weights_only(path / name, "cpu")).items():
                 parts[tp_rank][pipeline_part_name(part, key, args.n_layers)] = tensor
         return _in_rank_order(parts, path, "layer_*-model_<tp>")
     zero3 = sorted({int(m[2]) for n in names if (m := _ZERO3_MODEL.fullmatch(n))})
@@ -210,7 +188,7 @@ def _tp_parts(path: Path, args: LlamaArgs) -> TpParts:
     if not modules:
         raise ValueError(f"{path}: no model states file (mp_rank_*, layer_* or zero_pp_rank_*); not an Ithaca "
                          "checkpoint folder")
-    return _in_rank_order({t: _tensors(_load_weights_only(path / n, "cpu")["module"]) for t, n in modules.items()},
+    return _in_rank_order({t: _tensors(load_weights_only(path / n, "cpu")["module"]) for t, n in modules.items()},
                           path, "mp_rank_<tp>")
 
 
@@ -222,10 +200,10 @@ def _zero3_masters(path: Path, tp_rank: int) -> dict[str, torch.Tensor]:
 def _zero3_tensors(path: Path, tp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """({"param": fp32 masters, "exp_avg": ..., "exp_avg_sq": ...} by name, AdamW's step) of tp rank
     `tp_rank`, each tensor joined from every dp x sp rank's ZeRO-3 partition."""
-    shapes = _load_weights_only(path / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt", "cpu")["param_shapes"]
+    shapes = load_weights_only(path / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt", "cpu")["param_shapes"]
     files = sorted(((int(m[1]), n) for p in path.iterdir() if (m := _ZERO3_OPTIM.fullmatch(n := p.name))
                     and int(m[2]) == tp_rank))
-    states = [_load_weights_only(path / n, "cpu")["optimizer_state_dict"] for _, n in files]
+    states = [load_weights_only(path / n, "cpu")["optimizer_state_dict"] for _, n in files]
     world = len(states)
     if [r for r, _ in files] != list(range(world)) or any(s["partition_count"] != world for s in states):
         raise ValueError(f"{path}: ZeRO-3 optimizer files of tp rank {tp_rank} are ranks {[r for r, _ in files]}, "

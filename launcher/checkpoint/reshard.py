@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ithaca.launcher.checkpoint.consolidate import MOMENTS, full_training_state, main_states_file
+from ithaca.launcher.checkpoint.consolidate import MOMENTS, full_training_state
 from ithaca.log import get_logger
 from ithaca.models.llama_args import LlamaArgs
 from ithaca.models.state_layout import SHAPE_FIELDS, canonical_layout, canonical_name, shard, shape_fields
@@ -79,31 +79,20 @@ def checkpoint_facts(cfg: RunConfig) -> dict:
     return {"layout": dataclasses.asdict(CheckpointLayout.of(cfg)), "model_shape": shape_fields(cfg.model)}
 
 
-def written_layout(client: dict) -> CheckpointLayout | None:
-    """The layout a checkpoint's client state records; None for checkpoints saved before it was recorded."""
-    saved = client.get("layout")
-    if saved is None:
-        return None
-    split = saved.get("pp_split")
+def written_layout(facts: dict) -> CheckpointLayout:
+    """The layout a checkpoint's facts (launcher/checkpoint/format.py `read_checkpoint_facts`) record."""
+    saved = facts["layout"]
+    split = saved["pp_split"]
     return CheckpointLayout(**{**saved, "pp_split": None if split is None else tuple(split)})
 
 
-def read_checkpoint_facts(path: Path) -> dict:
-    """The layout and model shape that checkpoint folder `path` (verified) records (empty if none)."""
-    from ithaca.launcher.checkpoint.store import _load_weights_only
-
-    saved = _load_weights_only(main_states_file(path), "cpu")
-    return {key: saved[key] for key in ("layout", "model_shape") if key in saved}
-
-
-def check_model_shape(client: dict, args: LlamaArgs, path: Path) -> None:
+def check_model_shape(facts: dict, args: LlamaArgs, path: Path) -> None:
     """Raise ValueError naming the first model field whose value differs between the checkpoint's
-    model and `args` (fields that change no tensor, such as rope_theta, may differ)."""
-    saved = client.get("model_shape")
-    if saved is None:
-        return  # saved before shapes were recorded: DeepSpeed's load or full_training_state compares tensors
+    model (its facts, as `written_layout` takes them) and `args` (fields that change no tensor, such
+    as rope_theta, may differ)."""
+    saved = facts["model_shape"]
     for name in SHAPE_FIELDS:
-        if name in saved and saved[name] != getattr(args, name):
+        if saved[name] != getattr(args, name):
             raise ValueError(f"--resume: {path} holds a model with model.{name}={saved[name]!r}, this run has "
                              f"model.{name}={getattr(args, name)!r}; set model.{name}: {saved[name]!r} to resume it, "
                              "or start a new run")

@@ -12,13 +12,11 @@ model's shape in the client state (launcher/checkpoint/reshard.py `checkpoint_fa
 layout is DeepSpeed's own, one under another layout is resharded (launcher/checkpoint/reshard.py), one of
 another model shape is refused naming the field.
 
-A load first checks every file against the manifest (size, then sha256) and refuses a missing,
-truncated, modified or unlisted file in one line naming it, before anything is unpickled. Resuming
-from `latest` then falls back to the newest earlier checkpoint that passes, saying so; a folder
-given by name is refused. DeepSpeed 0.19.8 loads with `torch.load(weights_only=False)`; we route
-its loads through `weights_only=True`, so a file can hold only tensors, containers, numbers and
-strings, and the three DeepSpeed classes in `_deepspeed_safe_globals`; unpickling runs no code
-that the file chooses. The manifest detects damage, not an attacker who rewrites it too.
+A load first checks every file against the manifest (launcher/checkpoint/format.py: size, then sha256)
+and refuses a missing, truncated, modified or unlisted file in one line naming it, before anything is
+unpickled. Resuming from `latest` then falls back to the newest earlier checkpoint that passes, saying
+so; a folder given by name is refused. DeepSpeed 0.19.8 loads with `torch.load(weights_only=False)`;
+we route its loads through format.py's `load_weights_only`, so unpickling runs no code that the file chooses.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -35,6 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ithaca.launcher.checkpoint.format import (LATEST, MANIFEST, check_file, load_weights_only, read_checkpoint_facts,
+                                              read_manifest, step_of, tag_for, unlisted_files)
+from ithaca.launcher.checkpoint.reshard import (CheckpointLayout, check_model_shape, check_reshardable, load_resharded,
+                                               written_layout)
 from ithaca.log import get_logger
 
 if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight needs only resolve_checkpoint
@@ -45,14 +46,7 @@ if TYPE_CHECKING:  # importing DeepSpeed takes seconds; the CLI's preflight need
 
 log = get_logger(__name__)
 
-LATEST = "latest"
-MANIFEST = "manifest.json"
-_COMPLETE = re.compile(r"step_(\d{8})")  # a renamed checkpoint folder (fullmatch)
 _PARTIAL = re.compile(r"step_\d{8}(\.old)?\.partial")  # one being written, or being deleted (fullmatch)
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, step: int, client_state: dict, *,
@@ -126,14 +120,10 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
         also = "; no earlier checkpoint passes either" if len(candidates) > 1 else ""
         raise ValueError(f"--resume: {problem}{also}")
 
-    # reshard.py reads files through this module: imported here, not at the top
-    from ithaca.launcher.checkpoint.reshard import (CheckpointLayout, check_model_shape, check_reshardable, load_resharded,
-                                         read_checkpoint_facts, written_layout)
-
     facts = _from_rank0(lambda: read_checkpoint_facts(path))
     check_model_shape(facts, cfg.model, path)
     written, running = written_layout(facts), CheckpointLayout.of(cfg)
-    if written is not None and written != running:
+    if written != running:
         check_reshardable(written, running)
         log.info(f"resharding checkpoint {path} written under {written} to {running}")
         client_state = load_resharded(engine, path, cfg.model, mesh)
@@ -144,7 +134,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, ckpt_dir: Path, resume: s
 
     assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine)  # launcher/train/engine.py sets no other writer
     # This engine's loads only: DeepSpeed's own TorchCheckpointEngine.load passes weights_only=False.
-    engine.checkpoint_engine.load = _load_weights_only
+    engine.checkpoint_engine.load = load_weights_only
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ValueError(f"--resume={str(path)!r}: DeepSpeed could not load it (see the log above)")
@@ -156,22 +146,20 @@ def _load_rng(path: Path) -> None:
     """This rank's RNG state from checkpoint `path`, if it has one (a resharded run may have more ranks)."""
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        _set_rng_state(_load_weights_only(rng_file))
+        _set_rng_state(load_weights_only(rng_file))
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file under `path` matches its manifest, else one line naming the first file
     (in manifest order) that does not and the check it failed (collective: every rank gets the same answer)."""
-    manifest = _from_rank0(lambda: _read_manifest(path))
+    manifest = _from_rank0(lambda: read_manifest(path))
     if isinstance(manifest, str):
         return manifest
     rank, world = dist.get_rank(), dist.get_world_size()
     entries = manifest["files"]
-    found = [(i, _check_file(path, entries[i])) for i in range(rank, len(entries), world)]
-    if rank == 0:  # a file DeepSpeed might load that the manifest does not vouch for
-        listed = {e["path"] for e in entries} | {MANIFEST}
-        unlisted = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        found += [(len(entries), f"{path / name}: not listed in {MANIFEST}") for name in unlisted if name not in listed]
+    found = [(i, check_file(path, entries[i])) for i in range(rank, len(entries), world)]
+    if rank == 0:
+        found += [(len(entries), problem) for problem in unlisted_files(path, manifest)]
     every = [None] * world
     dist.all_gather_object(every, [(i, p) for i, p in found if p is not None])
     problems = sorted(item for share in every for item in share)
@@ -183,48 +171,8 @@ def _candidates(ckpt_dir: Path, resume: str) -> list[Path]:
     path = resolve_checkpoint(ckpt_dir, resume)
     if resume != LATEST:
         return [path]
-    match = _COMPLETE.fullmatch(path.name)
-    below = int(match[1]) if match else 0
+    below = step_of(path.name) or 0
     return [path, *(ckpt_dir / tag_for(s) for s in sorted(_complete_steps(ckpt_dir), reverse=True) if s < below)]
-
-
-def _read_manifest(path: Path) -> dict | str:
-    """The manifest of checkpoint `path`, or one line saying what is wrong with it."""
-    file = path / MANIFEST
-    if not path.is_dir():
-        return f"{path}: no such checkpoint folder"
-    if not file.is_file():
-        return f"{file}: missing (a save that did not finish, or a checkpoint from before manifests)"
-    try:
-        manifest = json.loads(file.read_text())
-        entries = manifest["files"]
-        for e in entries:
-            rel = Path(e["path"])
-            if rel.is_absolute() or ".." in rel.parts or not (isinstance(e["size"], int) and isinstance(e["sha256"], str)):
-                raise ValueError(e)
-    except (ValueError, KeyError, TypeError, OSError) as err:  # json's error is a ValueError
-        return f"{file}: not a checkpoint manifest ({type(err).__name__}: {str(err)[:80]})"
-    match = _COMPLETE.fullmatch(path.name)
-    if match and int(match[1]) != manifest.get("step"):
-        return f"{file}: says step {manifest.get('step')}, the folder's name says {int(match[1])}"
-    return manifest
-
-
-def _check_file(folder: Path, entry: dict) -> str | None:
-    file = folder / entry["path"]
-    if not file.is_file():
-        return f"{file}: missing (listed in {MANIFEST})"
-    try:
-        size = file.stat().st_size
-        if size != entry["size"]:  # checked first: truncation costs no read
-            return f"{file}: {size} bytes, {MANIFEST} says {entry['size']} (truncated or overwritten)"
-        with open(file, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as err:  # returned, not raised: the other ranks are waiting for this one's answer
-        return f"{file}: unreadable ({err.strerror})"
-    if digest != entry["sha256"]:
-        return f"{file}: sha256 differs from {MANIFEST} (corrupted or modified)"
-    return None
 
 
 def _describe_files(folder: Path) -> list[dict]:
@@ -273,7 +221,7 @@ def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
 
 
 def _complete_steps(ckpt_dir: Path) -> list[int]:
-    return [int(m[1]) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _COMPLETE.fullmatch(p.name))]
+    return [step for p in ckpt_dir.iterdir() if p.is_dir() and (step := step_of(p.name)) is not None]
 
 
 def _from_rank0(compute: Any) -> Any:
@@ -305,30 +253,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _deepspeed_safe_globals() -> list[type]:
-    """The only classes DeepSpeed 0.19.8 pickles into our checkpoints besides tensors and builtins
-    (torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, bf16, tp2 and pp2 saves).
-    Each is rebuilt from numbers by its own constructor or attribute dict: no code the file chooses."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # ZeRO optimizer states' static loss scale
-    from deepspeed.runtime.zero.config import ZeroStageEnum  # optimizer states' zero_stage
-    from deepspeed.utils.tensor_fragment import fragment_address  # dataclass (numel, start)
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load_weights_only(path: str | Path, map_location: Any = None) -> Any:
-    """torch.load that unpickles only tensors, builtins and _deepspeed_safe_globals; DeepSpeed's
-    checkpoint engine calls it with (path, map_location). Raises ValueError naming the file."""
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            what = found[1] if found else str(err).strip().splitlines()[-1][:120]
-            raise ValueError(f"{path}: holds a pickled global ({what}) that loading refuses; it unpickles only "
-                             "tensors, plain data and three DeepSpeed classes") from None
 
 
 def _rng_state() -> dict:

@@ -157,7 +157,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError("--max-restarts", args.max_restarts, "use 0 (no restarts) or more")
     cfg = load_config(args.config, args.overrides)
     check_kernels_here(cfg)
-    from ithaca.launcher.checkpoint.store import LATEST
+    from ithaca.launcher.checkpoint.format import LATEST
 
     has_checkpoint = (cfg.checkpoint_dir / LATEST).is_file()
     if args.resume == "auto":

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def describe_failure(rank: int, exitcode: int, pid: int, checkpoint_dir: Path | None) -> str:
     """One line: which rank died, how, and what a resume would continue from."""
     how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
-    from ithaca.launcher.checkpoint.store import LATEST
+    from ithaca.launcher.checkpoint.format import LATEST
 
     if checkpoint_dir is None:
         return f"ithaca: rank {rank} (pid {pid}) {how}, and the job stopped"

@@ -1,5 +1,5 @@
 """What checkpoint loading will unpickle: tensors, plain data and DeepSpeed's three state classes, nothing
-that runs code of the file's choosing (launcher/checkpoint/store.py). The manifest checks are in
+that runs code of the file's choosing (launcher/checkpoint/format.py). The manifest checks are in
 tests/dist/test_checkpoint_integrity.py."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ithaca.launcher.checkpoint.store import _load_weights_only
+from ithaca.launcher.checkpoint.format import load_weights_only
 from ithaca.launcher.config.schema import ConfigError
 from ithaca.launcher.config.load import load_config
 
@@ -32,7 +32,7 @@ def test_a_pickled_callable_is_refused_naming_the_file_and_runs_nothing(tmp_path
     marker, file = tmp_path / "marker", tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "extra": _RunsCode(marker)}, file)
     with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt: holds a pickled global \(\S*_touch\)"):
-        _load_weights_only(file)
+        load_weights_only(file)
     assert not marker.exists()
 
 
@@ -44,7 +44,7 @@ def test_deepspeed_state_classes_and_tensors_load(tmp_path):
     state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "fragment": fragment_address(numel=4, start=8),
              "flat": [torch.arange(4.0)], "param_shapes": {"w": torch.Size([2, 2])}}
     torch.save(state, tmp_path / "optim_states.pt")
-    loaded = _load_weights_only(tmp_path / "optim_states.pt", map_location=lambda storage, loc: storage)
+    loaded = load_weights_only(tmp_path / "optim_states.pt", map_location=lambda storage, loc: storage)
     assert loaded["loss_scaler"].cur_scale == 1.0 and loaded["zero_stage"] is ZeroStageEnum.gradients
     assert loaded["fragment"] == fragment_address(numel=4, start=8) and torch.equal(loaded["flat"][0], torch.arange(4.0))
 
