@@ -2,8 +2,9 @@
 
 torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches `ithaca train` alone,
 which decides what every process does:
-- the first SIGINT or SIGTERM is handed to every rank; the ranks agree on the step, checkpoint at
-  its end and stop (launcher/runtime/preemption.py), and torchrun then exits by itself;
+- the first stop signal (SIGINT, SIGTERM or SIGUSR1: launcher/runtime/preemption.py's STOP_SIGNALS)
+  is handed to every rank; the ranks agree on the step, checkpoint at its end and stop, and
+  torchrun then exits by itself;
 - a second one kills every process of the run at once (SIGKILL): no checkpoint of the step.
 `ithaca train` is a child subreaper (launcher/runtime/process_lifetime.py), so ranks whose torchrun died and
 loader workers whose rank died become its children: once torchrun has exited, what is left gets
@@ -19,9 +20,8 @@ import sys
 
 import psutil
 
+from ithaca.launcher.runtime.preemption import STOP_SIGNALS
 from ithaca.launcher.runtime.process_lifetime import become_subreaper
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Owner:

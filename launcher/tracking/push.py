@@ -8,9 +8,7 @@ write sends the call again, which changes nothing: MLflow's SQL stores keep one 
 
 The journal's MLflow run, found at first contact (MLflow's server assigns run ids, and the REST
 API takes none from the client): the one the sync state names; else the run of the experiment
-tagged `ithaca.run_key=<key>` (created before a crash lost the state); else, for a key that is an
-MLflow run id itself (checkpoints written before journals existed), that run; else a new run with
-that tag.
+tagged `ithaca.run_key=<key>` (created before a crash lost the state); else a new run with that tag.
 """
 
 from __future__ import annotations
@@ -143,8 +141,6 @@ class JournalPusher:
             tagged = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.key}'", max_results=1)
             if tagged:
                 self.run_id = tagged[0].info.run_id
-            elif (existing := self._run_named_by_key()) is not None:
-                self.run_id = existing
             else:
                 self.run_id = client.create_run(experiment_id, start_time=start["time_ms"],
                                                 tags={RUN_KEY_TAG: self.key}, run_name=start["run_name"]).info.run_id
@@ -170,14 +166,6 @@ class JournalPusher:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self._client.get_experiment_by_name(name).experiment_id  # another run created it just now
-
-    def _run_named_by_key(self) -> str | None:
-        try:
-            return self._client.get_run(self.key).info.run_id
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            return None
 
 
 def unpushed(journal: Path, uri: str) -> int:

@@ -95,7 +95,7 @@ class Tracker:
         self._journal.append({"kind": "end", "time_ms": _now_ms(), "status": status})
         self._journal.close()
         self._pushing.finish(self._flush_timeout)
-        from ithaca.launcher.tracking.push import unpushed
+        from ithaca.launcher.tracking.push import unpushed  # push.py imports MLflow (seconds): only when needed
 
         left = unpushed(self._journal.path, self._uri)
         if left:

@@ -1,4 +1,4 @@
-"""The tracking journal and its pusher (launcher/tracking/tracker.py, metric_journal.py, tracking_push.py) in
+"""The tracking journal and its pusher (launcher/tracking/: tracker.py, journal.py, push.py) in
 one process: a store that never answers does not hold up `log_step` or `finish`, `track-sync`
 pushes a journal once however often it runs, a resume does not log its replayed steps again, and
 what cannot be pushed is said in one line."""
@@ -129,18 +129,6 @@ def test_a_resume_logs_each_step_once_into_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == \
         [(s, 10.0 / s) for s in range(1, 11)]  # the first value of each step, once
-
-
-def test_a_checkpoint_from_before_journals_resumes_into_its_mlflow_run(tmp_path):
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    client = MlflowClient(store)
-    old = client.create_run(client.create_experiment("journal-test", artifact_location=(tmp_path / "artifacts").as_uri())).info.run_id  # the id such a checkpoint holds
-    tracker = Tracker(config(tmp_path, f"tracking.uri={store}"), "a: 1\n", old)
-    tracker.log_step(11, metrics(11))
-    tracker.finish("FINISHED")
-    (run,) = client.search_runs([client.get_experiment_by_name("journal-test").experiment_id])
-    assert run.info.run_id == old and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(old, "loss")] == [11]
 
 
 def test_track_sync_refusals_are_one_line(tmp_path, capsys):
