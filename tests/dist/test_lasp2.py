@@ -1,20 +1,23 @@
 """LASP-2 over gloo equals the single-process recurrence, forward and backward, for every decay kind.
 
-Twin pattern: every rank draws the full inputs from one seed, runs the token-by-token recurrence
-on the whole sequence, then lasp2_attention on its contiguous chunk, and compares its chunk of
-the output and of every gradient (q, k, v and the gates). Both state exchanges are checked: the
-all-gather and the point-to-point scan (exchange="scan").
+Twin pattern (tests/twin.py): every rank draws the full inputs from one seed, runs the token-by-token
+recurrence on the whole sequence, then lasp2_attention on its part (contiguous, zigzag or USP), and
+compares its part of the output and of every gradient (q, k, v and the gates). Both state exchanges
+are checked: the all-gather and the point-to-point scan (exchange="scan").
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from harness import run_ranks
+from twin import Input, check_twin
 
 H, DK, DV = 2, 8, 6
 # fp32; unnormalised linear attention sums O(s) terms of size ~1, and the chunked/prefix forms
@@ -28,41 +31,19 @@ def _twin(kind: str, chunk: int, with_resets: bool, seed: int, ring: int = 1, im
     from ithaca.parallel import lasp2_attention, sequence_part
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
-    gen = torch.Generator().manual_seed(seed)
     b, n = 2, chunk * world
-    q, k = (torch.randn(b, n, H, DK, generator=gen).requires_grad_() for _ in range(2))
-    v = torch.randn(b, n, H, DV, generator=gen).requires_grad_()
-    if kind == "plain":
-        log_decay = None
-    elif kind == "fixed":
-        log_decay = torch.log(1 - 2.0 ** (-3 - torch.arange(H, dtype=torch.float32)))
-    else:
-        log_decay = torch.nn.functional.logsigmoid(torch.randn(b, n, H, generator=gen) + 2).requires_grad_()
-    resets = (torch.rand(b, n, generator=gen) < 0.08) if with_resets else None
-    cotangent = torch.randn(b, n, H, DV, generator=gen)
-    full, _ = linear_attention(q, k, v, log_decay, scale=DK ** -0.5, resets=resets, impl="reference")
-    full.backward(cotangent)
-
-    def mine(t):
-        return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
-
-    leaves = [mine(t).clone().requires_grad_() for t in (q, k, v)]
-    local_decay = None
-    if kind == "fixed":
-        local_decay = log_decay
+    inputs = {"q": Input((b, n, H, DK)), "k": Input((b, n, H, DK)), "v": Input((b, n, H, DV))}
+    if kind == "fixed":  # a per-head constant every rank holds whole
+        inputs["log_decay"] = Input.constant(torch.log(1 - 2.0 ** (-3 - torch.arange(H, dtype=torch.float32))))
     elif kind == "gated":
-        local_decay = mine(log_decay).clone().requires_grad_()
-        leaves.append(local_decay)
-    out = lasp2_attention(*leaves[:3], group, log_decay=local_decay,
-                          resets=None if resets is None else mine(resets), ring=ring, impl=impl,
-                          exchange=exchange)
-    out.backward(mine(cotangent))
-    where = (f"kind={kind} chunk={chunk} resets={with_resets} ring={ring} impl={impl} exchange={exchange} "
-             f"rank={rank}/{world}")
-    torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
-    refs = [q, k, v] + ([log_decay] if kind == "gated" else [])
-    for name, local, ref in zip(("dq", "dk", "dv", "dgate"), leaves, refs):
-        torch.testing.assert_close(local.grad, mine(ref.grad), **TOL, msg=lambda m: f"{name} {where}: {m}")
+        inputs["log_decay"] = Input((b, n, H), then=lambda z: F.logsigmoid(z + 2))
+    if with_resets:
+        inputs["resets"] = Input((b, n), has_grad=False, draw="uniform", then=lambda u: u < 0.08)
+    check_twin(lambda q, k, v, **rest: linear_attention(q, k, v, scale=DK ** -0.5, impl="reference", **rest)[0],
+               {f"exchange={exchange}": lambda q, k, v, **rest: lasp2_attention(q, k, v, group, ring=ring, impl=impl,
+                                                                                 exchange=exchange, **rest)},
+               inputs, part=partial(sequence_part, sp_rank=rank, sp=world, ring=ring), seed=seed, tol=TOL,
+               where=f"kind={kind} chunk={chunk} resets={with_resets} ring={ring} impl={impl} rank={rank}/{world}")
 
 
 CASES = [(kind, chunk, resets) for kind in ("plain", "fixed", "gated") for chunk, resets in ((13, False), (70, True))]
