@@ -1,11 +1,11 @@
 """delta_rule_attention over gloo equals the single-process delta-rule recurrence, forward and backward,
 with either exchange (the all-gather of transition pairs, the point-to-point scan of states).
 
-Twin pattern: every rank draws the full inputs from one seed (as Gated DeltaNet feeds them: L2-normed
-keys, sigmoid beta, logsigmoid gates, packed documents), runs the token recurrence on the whole
-sequence once, then delta_rule_attention on its part with each exchange, and compares its part of
-the output and of every gradient (q, k, v, beta, gates) under a random cotangent. The inputs have
-long memory (beta ~0.1, gates ~0.98), and each twin checks that the state carried between pieces
+Twin pattern (tests/twin.py): every rank draws the full inputs from one seed (as Gated DeltaNet feeds
+them: L2-normed keys, sigmoid beta, logsigmoid gates, packed documents), runs the token recurrence on
+the whole sequence once, then delta_rule_attention on its part with each exchange, and compares its
+part of the output and of every gradient (q, k, v, beta, gates) under a random cotangent. The inputs
+have long memory (beta ~0.1, gates ~0.98), and each twin checks that the state carried between pieces
 changes the output by far more than the tolerance, so a dropped or wrong incoming state fails.
 Both exchanges share one rank job per layout and one reference per case: the token recurrence is
 the costly part, so the scan adds little time.
@@ -13,12 +13,16 @@ the costly part, so the scan adds little time.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from harness import run_ranks
+from twin import Input, check_twin
 
 H, DK, DV = 2, 8, 6
 # fp32, as tests/kernels/test_delta_rule.py: the chunked form and the cross-rank composition
@@ -28,21 +32,23 @@ CARRIED = 1e-2
 """Smallest change the incoming state must make to every non-first piece's output: 100x the tolerance."""
 
 
-def _inputs(decay: str, b: int, n: int, n_pieces: int, gen: torch.Generator) -> dict[str, torch.Tensor | None]:
+def _inputs(decay: str, b: int, n: int, n_pieces: int) -> dict[str, Input]:
     """Full-sequence inputs with long memory; resets at token 0, at a piece boundary and at random."""
-    inputs = {"q": torch.randn(b, n, H, DK, generator=gen),
-              "k": F.normalize(torch.randn(b, n, H, DK, generator=gen), dim=-1),
-              "v": torch.randn(b, n, H, DV, generator=gen),
-              "beta": torch.sigmoid(torch.randn(b, n, H, generator=gen) - 2),
-              "log_decay": None}
+    def resets_of(u: torch.Tensor) -> torch.Tensor:
+        resets = u < 0.04
+        resets[0, 0] = True  # the very first token
+        resets[:, n // n_pieces] = torch.tensor([False, True])  # the second piece: row 0 receives a state, row 1 a reset
+        return resets
+
+    inputs = {"q": Input((b, n, H, DK)),
+              "k": Input((b, n, H, DK), then=lambda z: F.normalize(z, dim=-1)),
+              "v": Input((b, n, H, DV)),
+              "beta": Input((b, n, H), then=lambda z: torch.sigmoid(z - 2))}
     if decay == "gated":
-        inputs["log_decay"] = F.logsigmoid(torch.randn(b, n, H, generator=gen) + 4)
-    if decay == "fixed":
-        inputs["log_decay"] = torch.log(1 - 2.0 ** (-4 - torch.arange(H, dtype=torch.float32)))
-    resets = torch.rand(b, n, generator=gen) < 0.04
-    resets[0, 0] = True  # the very first token
-    resets[:, n // n_pieces] = torch.tensor([False, True])  # the second piece: row 0 receives a state, row 1 a reset
-    inputs["resets"] = resets
+        inputs["log_decay"] = Input((b, n, H), then=lambda z: F.logsigmoid(z + 4))
+    if decay == "fixed":  # a per-head constant every rank holds whole, as in test_lasp2.py
+        inputs["log_decay"] = Input.constant(torch.log(1 - 2.0 ** (-4 - torch.arange(H, dtype=torch.float32))))
+    inputs["resets"] = Input((b, n), has_grad=False, draw="uniform", then=resets_of)
     return inputs
 
 
@@ -53,45 +59,31 @@ def _twin(decay: str, s: int, seed: int, ring: int) -> None:
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     mine_pieces, n_pieces = piece_order(sp_rank=rank, sp=world, ring=ring)
-    gen = torch.Generator().manual_seed(seed)
     b, n = 2, s * world
-    inputs = _inputs(decay, b, n, n_pieces, gen)
-    cotangent = torch.randn(b, n, H, DV, generator=gen)
-    is_per_token = decay == "gated"  # a fixed [h] decay is a constant here, as in test_lasp2.py
-    names = ["q", "k", "v", "beta"] + (["log_decay"] if is_per_token else [])
-    full_leaves = {name: inputs[name].clone().requires_grad_() for name in names}
-    fixed_decay = inputs["log_decay"] if decay == "fixed" else None
-    full, _ = delta_rule(*(full_leaves[name] for name in ("q", "k", "v", "beta")),
-                         log_decay=full_leaves.get("log_decay", fixed_decay), resets=inputs["resets"],
-                         impl="reference")
-    full.backward(cotangent)
+    where = f"decay={decay} s={s} ring={ring} rank={rank}/{world}"
 
-    def mine(t: torch.Tensor) -> torch.Tensor:
-        return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
+    def parallel(exchange: str) -> Callable[..., torch.Tensor]:
+        return lambda q, k, v, beta, **rest: delta_rule_attention(q, k, v, beta, group, ring=ring, exchange=exchange,
+                                                                  **rest)
 
-    for exchange in ("allgather", "scan"):
-        leaves = {name: mine(inputs[name]).clone().requires_grad_() for name in names}
-        out = delta_rule_attention(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], group,
-                                   log_decay=leaves.get("log_decay", fixed_decay), resets=mine(inputs["resets"]),
-                                   ring=ring, exchange=exchange)
-        out.backward(mine(cotangent))
-        where = f"exchange={exchange} decay={decay} s={s} ring={ring} rank={rank}/{world}"
-        torch.testing.assert_close(out, mine(full), **TOL, msg=lambda m: f"out {where}: {m}")
-        for name in names:
-            torch.testing.assert_close(leaves[name].grad, mine(full_leaves[name].grad), **TOL,
-                                       msg=lambda m: f"d{name} {where}: {m}")
+    runs = check_twin(lambda q, k, v, beta, **rest: delta_rule(q, k, v, beta, impl="reference", **rest)[0],
+                      {f"exchange={exchange}": parallel(exchange) for exchange in ("allgather", "scan")},
+                      _inputs(decay, b, n, n_pieces), part=partial(sequence_part, sp_rank=rank, sp=world, ring=ring),
+                      seed=seed, tol=TOL, where=where)
 
-        size = s // len(mine_pieces)
+    size = s // len(mine_pieces)
+    for exchange, run in runs.items():
         for i, p in enumerate(mine_pieces):
             if p == 0:
                 continue  # the sequence's first piece receives nothing
             part = slice(i * size, (i + 1) * size)
             with torch.no_grad():
-                gates = leaves["log_decay"][:, part] if is_per_token else fixed_decay
-                alone, _ = delta_rule(*(leaves[name][:, part] for name in ("q", "k", "v", "beta")), log_decay=gates,
-                                      resets=mine(inputs["resets"])[:, part])  # the piece from a zero state
-            carried = (alone - out[:, part]).abs().max().item()
-            assert carried > CARRIED, f"piece {p} {where}: the incoming state moves the output by only {carried:.2e}"
+                piece = {name: t if t.dim() == 1 else t[:, part] for name, t in run.inputs.items()}  # [h]: a fixed decay
+                alone, _ = delta_rule(piece.pop("q"), piece.pop("k"), piece.pop("v"), piece.pop("beta"),
+                                      **piece)  # the piece from a zero state
+            carried = (alone - run.out[:, part]).abs().max().item()
+            assert carried > CARRIED, (f"piece {p} {exchange} {where}: the incoming state moves the output by only "
+                                       f"{carried:.2e}")
 
 
 CASES = [(decay, s) for decay in ("none", "fixed", "gated") for s in (12, 140)]
