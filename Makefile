@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (set up, prep the debug shards, train demo-long-cpu on 2
-# CPU processes) and `make test`. Everything installs into .venv; torch comes first and pinned, then
-# DeepSpeed without build isolation, or either would pull a multi-GB CUDA torch.
+# CPU processes) and `make test`. Everything installs into .venv at the versions the suite passed
+# with (constraints.txt); torch comes first and pinned, then DeepSpeed without build isolation, or
+# either would pull a multi-GB CUDA torch.
 PYTHON ?= python3
 # Never the checkout root on sys.path (`python -m` puts the working directory first): its kernels/,
 # data/ and models/ would shadow installed packages of those names. Every Python started below
@@ -14,13 +15,13 @@ STAMP := $(VENV)/.ithaca-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q packaging ninja psutil
-	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt packaging ninja psutil
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 runs/debug-data/manifest.json: $(STAMP)
