@@ -1,12 +1,14 @@
 """The sequence-parallel short causal convolution over gloo equals torch's single-process conv1d.
 
-Twin pattern: every rank draws the whole input from one seed, convolves each document of the whole
-sequence with torch's depthwise conv1d (left zero padding K-1), then runs
-sequence_parallel_causal_conv1d on its part, and compares its part of the output and of the x,
-weight and bias gradients under a random cotangent.
+Twin pattern (tests/twin.py): every rank draws the whole input from one seed, convolves each document
+of the whole sequence with torch's depthwise conv1d (left zero padding K-1), then runs
+sequence_parallel_causal_conv1d on its part, and compares its part of the output and of the x
+gradient, and the weight and bias gradients (each rank's shares summed), under a random cotangent.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from harness import run_ranks
+from twin import Input, check_twin
 
 C = 5
 # fp32 sums of K products: the parallel form adds the same terms in another order
@@ -40,39 +43,25 @@ def _twin(kernel: int, piece: int, resets_at: str, seed: int, ring: int) -> None
 
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     pieces = world if ring == 1 else 2 * world
-    gen = torch.Generator().manual_seed(seed)
     b, n = 2, piece * pieces
-    x = torch.randn(b, n, C, generator=gen, requires_grad=True)
-    weight = torch.randn(C, kernel, generator=gen, requires_grad=True)
-    bias = torch.randn(C, generator=gen, requires_grad=True)
-    resets = {"none": None,
-              "random": torch.rand(b, n, generator=gen) < 0.15,
-              "piece starts": (torch.arange(n) % piece == 0).expand(b, n).clone()}[resets_at]
-    if resets is not None:
+
+    def with_implicit_first(resets: torch.Tensor) -> torch.Tensor:
         resets[1, 0] = False  # row 0 marks token 0, row 1 leaves it implicit
-    cotangent = torch.randn(b, n, C, generator=gen)
-    _reference(x, weight, bias, resets).backward(cotangent)
+        return resets
 
-    def mine(t):
-        return sequence_part(t.detach(), sp_rank=rank, sp=world, ring=ring)
-
-    x_mine = mine(x).clone().requires_grad_()
-    weight_mine, bias_mine = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
-    local_resets = None if resets is None else mine(resets)
-    out = sequence_parallel_causal_conv1d(x_mine, weight_mine, group, resets=local_resets, ring=ring,
-                                          bias=bias_mine)
-    out.backward(mine(cotangent))
-    where = f"kernel={kernel} piece={piece} resets={resets_at} ring={ring} rank={rank}/{world}"
-    torch.testing.assert_close(out, mine(_reference(x, weight, bias, resets)), **TOL,
-                               msg=lambda m: f"out {where}: {m}")
-    torch.testing.assert_close(x_mine.grad, mine(x.grad), **TOL, msg=lambda m: f"dx {where}: {m}")
-    # weight and bias gradients are sums over the whole sequence: this rank holds its part's share
-    shares = [torch.zeros_like(weight), torch.zeros_like(bias)]
-    for share, local in zip(shares, (weight_mine, bias_mine)):
-        share.copy_(local.grad)
-        dist.all_reduce(share)
-    torch.testing.assert_close(shares[0], weight.grad, **TOL, msg=lambda m: f"dweight {where}: {m}")
-    torch.testing.assert_close(shares[1], bias.grad, **TOL, msg=lambda m: f"dbias {where}: {m}")
+    # the weight and bias are whole on every rank: each rank's gradient is its part's share
+    inputs = {"x": Input((b, n, C)), "weight": Input((C, kernel), is_split=False),
+              "bias": Input((C,), is_split=False)}
+    if resets_at == "random":
+        inputs["resets"] = Input((b, n), has_grad=False, draw="uniform",
+                                 then=lambda u: with_implicit_first(u < 0.15))
+    if resets_at == "piece starts":
+        inputs["resets"] = Input.constant(with_implicit_first((torch.arange(n) % piece == 0).expand(b, n).clone()),
+                                          is_split=True)
+    check_twin(lambda x, weight, bias, resets=None: _reference(x, weight, bias, resets),
+               {"halo": lambda x, weight, **rest: sequence_parallel_causal_conv1d(x, weight, group, ring=ring, **rest)},
+               inputs, part=partial(sequence_part, sp_rank=rank, sp=world, ring=ring), seed=seed, tol=TOL,
+               where=f"kernel={kernel} piece={piece} resets={resets_at} ring={ring} rank={rank}/{world}", group=group)
 
 
 CASES = [(kernel, piece, resets_at) for kernel in (4, 2) for piece, resets_at in
