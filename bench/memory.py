@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ithaca.bench.header import bench_header
 from ithaca.bench.peak_memory import peak_bytes
 from ithaca.bench.train_setup import init_single_process
+from ithaca.data.batch import Batch
 from ithaca.data.packing import document_positions, document_starts
 from ithaca.kernels import attention_lse_bwd, attention_lse_fwd, linear_cross_entropy
 from ithaca.models.llama_args import LlamaArgs
@@ -91,11 +92,12 @@ def model_step_peak(mesh: ParallelMesh, pattern: str, n_layers: int, mode: str, 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (1, s + 1), generator=gen).to(device)
     doc_ids = (torch.arange(s, device=device) // DOC)[None]  # [1, s]
-    positions, resets = document_positions(doc_ids), document_starts(doc_ids)
+    batch = Batch(tokens=tokens[:, :-1], labels=tokens[:, 1:], positions=document_positions(doc_ids), doc_ids=doc_ids,
+                  resets=document_starts(doc_ids))
     upstream = torch.rand(1, s, generator=gen).to(device)
 
     def step() -> None:
-        model(tokens[:, :-1], positions, tokens[:, 1:], doc_ids, resets).backward(upstream)
+        model(batch).backward(upstream)
 
     return peak_bytes(step, device)
 

@@ -56,6 +56,7 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR=device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from ithaca.data.batch import Batch
     from ithaca.launcher.config.load import load_config
     from ithaca.launcher.runtime.distributed import init_distributed
     from ithaca.launcher.train.engine import build_engine
@@ -75,12 +76,13 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
     gen = torch.Generator().manual_seed(0)
     idle = []
     for step in range(STEPS + 1):
-        windows = [torch.randint(0, cfg.model.vocab_size, (1, seq + 1), generator=gen) for _ in range(micro)]
+        batches = [Batch.from_window(torch.randint(0, cfg.model.vocab_size, (1, seq + 1), generator=gen), eos_id=None)
+                   for _ in range(micro)]
         for name in spent:
             spent[name] = 0.0
         dist.barrier()
         start = time.perf_counter()
-        train_step(engine, windows, mesh, dev, eos_id=None)
+        train_step(engine, batches, mesh, dev)
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start - spent["_exec_optimizer_step"]

@@ -32,17 +32,19 @@ import torch.distributed as dist
 
 from ithaca.bench.header import bench_header, device_peaks
 from ithaca.bench.train_setup import build_model, init_single_process
+from ithaca.data.batch import Batch
 from ithaca.launcher.train.metrics import flops_per_token, mfu
 
-def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> dict[str, torch.Tensor]:
+
+def _batch(vocab: int, seq_len: int, doc_len: int, device: str) -> Batch:
+    """Random tokens in documents of `doc_len` tokens (no EOS in the draw: the documents are cut by length)."""
     from ithaca.data.packing import document_starts
 
     gen = torch.Generator().manual_seed(0)
     window = torch.randint(0, vocab, (1, seq_len + 1), generator=gen)
     doc_ids = (torch.arange(seq_len) // doc_len)[None]
-    return {"tokens": window[:, :-1].to(device), "labels": window[:, 1:].to(device),
-            "positions": (torch.arange(seq_len) % doc_len)[None].to(device), "doc_ids": doc_ids.to(device),
-            "resets": document_starts(doc_ids).to(device)}
+    return Batch(tokens=window[:, :-1], labels=window[:, 1:], positions=(torch.arange(seq_len) % doc_len)[None],
+                 doc_ids=doc_ids, resets=document_starts(doc_ids)).to(device)
 
 
 def main() -> None:
@@ -119,8 +121,7 @@ class _Run:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            b = self.batch
-            loss = self.model(b["tokens"], b["positions"], b["labels"], b["doc_ids"], b["resets"]).mean()
+            loss = self.model(self.batch).mean()
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

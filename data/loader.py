@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ithaca.data.batch import Batch
 from ithaca.data.mixture import mixture_choices
 from ithaca.data.resplit import state_for_layout
 from ithaca.data.shard_reader import ShardError
@@ -111,21 +112,33 @@ class _RankStreams(IterableDataset):
 
 
 class PackedLoader:
-    """Yields, per optimizer step, this dp rank's micro-batches as [micro_batch, seq_len + 1] int64 tensors.
+    """Yields, per optimizer step, this dp rank's micro-batches: as training Batches (`next_batches`,
+    data/batch.py) or as the packed windows they are built from, [micro_batch, seq_len + 1] int64
+    tensors (`next_step`).
 
-    `state`: every dp rank's `state_dict()`, in dp-rank order, from the run to continue, whatever
-    its dp and workers (data/resplit.py: the same stream count continues exactly, another one
-    re-divides the epoch). Raises ValueError if a dataset has fewer shards than streams
-    (dp x workers), or if `state` is not such a list or is for another number of datasets;
-    ShardError (a ValueError) from `next_step` for an unreadable shard under on_error="raise".
+    `document_mask`: the Batches mark documents (ids, starts, restarted positions) at the
+    tokenizer's EOS (`eos_id`); False: one sequence per row. `state`: every dp rank's
+    `state_dict()`, in dp-rank order, from the run to continue, whatever its dp and workers
+    (data/resplit.py: the same stream count continues exactly, another one re-divides the epoch).
+    Raises ValueError if a dataset has fewer shards than streams (dp x workers), if the datasets'
+    tokenizers end documents with different ids, or if `state` is not such a list or is for another
+    number of datasets; ShardError (a ValueError) from `next_step` for an unreadable shard under
+    on_error="raise".
     `close()` stops its worker processes (at exit, an open loader is closed:
     data/worker_lifetime.py says why that matters).
     """
 
     def __init__(self, sources: list[Source], *, seq_len: int, micro_batch: int, grad_accum: int, dp: int,
                  dp_rank: int, workers: int = 0, seed: int = 0, shuffle: bool = True, on_error: OnError = "raise",
-                 state: list[dict] | None = None):
+                 document_mask: bool = True, state: list[dict] | None = None):
         manifests = tuple(read_manifest(s.path) for s in sources)
+        eos_ids = {m.tokenizer["eos_id"] for m in manifests}
+        if len(eos_ids) > 1:  # data/stream.py ends each dataset's documents with its own tokenizer's EOS
+            raise ValueError(f"sources {[str(s.path) for s in sources]} end documents with different EOS ids "
+                             f"{sorted(eos_ids)}; prep every dataset with one tokenizer")
+        self.eos_id: int = eos_ids.pop()
+        """The tokenizer's end-of-document id, which the packer puts after every document."""
+        self.document_mask = document_mask
         self.streams_per_rank = max(workers, 1)
         n_streams = dp * self.streams_per_rank
         for source, manifest in zip(sources, manifests):
@@ -143,8 +156,14 @@ class PackedLoader:
         if workers:
             close_at_exit(self)
 
+    def next_batches(self) -> list[Batch]:
+        """This rank's `grad_accum` micro-batches for the next optimizer step, whole (every sp rank
+        takes its piece with `Batch.part`), documents marked when `document_mask` is on."""
+        eos_id = self.eos_id if self.document_mask else None
+        return [Batch.from_window(window, eos_id) for window in self.next_step()]
+
     def next_step(self) -> list[torch.Tensor]:
-        """This rank's `grad_accum` micro-batches for the next optimizer step."""
+        """This rank's `grad_accum` micro-batches for the next optimizer step, as packed windows."""
         micro_batches = []
         for _ in range(self.grad_accum):
             batch, local, stream_state, error = next(self._batches)

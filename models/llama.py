@@ -34,6 +34,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.data.batch import Batch
 from ithaca.kernels import linear_cross_entropy, rope, swiglu
 from ithaca.models.delta_net import GatedDeltaNet
 from ithaca.models.init import normal_init, part_seed
@@ -171,9 +172,9 @@ def build_head(args: LlamaArgs, mp: ModelParallelConfig, seed: int,
 
 
 class Llama(nn.Module):
-    """tokens [b, s], their positions [b, s], labels [b, s] (< 0: no target) and, for packed
-    documents, document ids [b, s] and document starts (`resets`, [b, s] bool, found on the whole
-    sequence) -> per-token losses [b, s] fp32.
+    """A Batch (data/batch.py: tokens, labels (< 0: no target), positions and, for packed documents,
+    document ids and starts, each [b, s]: the whole sequence or this sp rank's piece of it) ->
+    per-token losses [b, s] fp32.
 
     Built with local attention; `ithaca.parallel.parallelize` makes it sequence parallel. `seed`
     draws the weights (whole, then split over tp by megatron-core); `tp_group` (None: tp = 1)
@@ -190,11 +191,10 @@ class Llama(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
         self.head = build_head(args, mp, seed, tp_group)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-                doc_ids: torch.Tensor | None = None, resets: torch.Tensor | None = None) -> torch.Tensor:
-        seq = SequenceInfo(positions=positions, doc_ids=doc_ids, resets=resets)
-        x, residual = self.embed(tokens), None  # [b, s, dim]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        seq = SequenceInfo.of(batch)
+        x, residual = self.embed(batch.tokens), None  # [b, s, dim]
         for block in self.blocks:
             x, residual = block(x, residual, seq)
         hidden, _ = self.norm(x, residual)
-        return self.head(hidden, labels, weight=self.embed.weight if self.args.tie_embeddings else None)
+        return self.head(hidden, batch.labels, weight=self.embed.weight if self.args.tie_embeddings else None)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ithaca.data.batch import Batch
 from ithaca.kernels import attention, delta_rule, linear_attention
 from ithaca.kernels.causal_conv1d import causal_conv1d
 from ithaca.models.llama_args import KernelChoice
@@ -28,6 +29,12 @@ class SequenceInfo:
     """[b, s] packed-document ids, or None for one sequence per row."""
     resets: torch.Tensor | None
     """[b, s] bool, True where a document starts (found on the whole sequence, before any split)."""
+
+    @classmethod
+    def of(cls, batch: Batch) -> SequenceInfo:
+        """The facts of a (rank's piece of a) Batch; the one place a Batch becomes a SequenceInfo
+        (the whole model's forward and each pipeline part)."""
+        return cls(positions=batch.positions, doc_ids=batch.doc_ids, resets=batch.resets)
 
 
 class SoftmaxAttend(Protocol):

@@ -7,20 +7,23 @@ would need its own optimizer, clipping and checkpoint path beside DeepSpeed's.
 
 The model is a flat list of parts: [embedding, block 0 .. block L-1, final norm, output loss].
 Stage s holds a contiguous run of blocks (stage 0 also the embedding, the last stage also the norm
-and the loss). Between parts, and between stages, travels one tuple of tensors:
+and the loss). The first stage loads each micro-batch as its Batch's tuple (data/batch.py,
+`Batch.pipeline_inputs`); between parts, and between stages, travels one tuple of tensors, the
+hidden stream before the same Batch tuple in the same order:
 
-    (x, residual, positions, labels[, doc_ids, resets])
+    (x, residual, tokens, labels, positions[, doc_ids, resets])
 
 x is the last block's output not yet added to the residual stream (the fused-norm convention of
 models/llama.py); between stages x and the residual travel stacked as one [2, b, s, dim] tensor
-(one backward call per stage). The packed-document facts and the labels ride with them; resets
-travel as uint8 (DeepSpeed's p2p sends no bool over gloo) and integer tensors get no gradient.
-The last stage returns per-token losses and the loss function sums them, scaled by the
-training loop's token weighting (DESIGN.md, "Loss and counts under SP").
+(one backward call per stage). The micro-batch rides with them whole, so every part reads the
+same Batch (the tokens too: one int64 per token beside 2 x dim activations); resets travel as
+uint8 (DeepSpeed's p2p sends no bool over gloo) and integer tensors get no gradient. The last
+stage returns per-token losses and the loss function sums them, scaled by the step's loss scale
+(parallel/loss_scale.py).
 
 Rank layout: DeepSpeed's grid sees axes (pipe, data, model) = (pp, dp x sp, tp), which is our
 mesh's order (pp slowest, tp fastest) with dp x sp flattened; its "data" group is our dp_sp group,
-so ZeRO-1 reduces gradients over dp x sp and divides by dp x sp (see `gradient_divisor`).
+so ZeRO-1 reduces gradients over dp x sp and divides by dp x sp (parallel/loss_scale.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from ithaca.data.batch import Batch
 from ithaca.log import get_logger
 from ithaca.models.llama import build_block, build_embedding, build_head
 from ithaca.models.llama_args import LlamaArgs
@@ -45,29 +49,20 @@ log = get_logger(__name__)
 Activations = tuple[torch.Tensor, ...]
 
 
-def pack(x: torch.Tensor, residual: torch.Tensor | None, seq: SequenceInfo, labels: torch.Tensor) -> tuple:
-    """The tuple one part hands the next (residual is None only inside stage 0, right after the embedding)."""
-    docs = () if seq.doc_ids is None else (seq.doc_ids, seq.resets.to(torch.uint8))
-    return (x, residual, seq.positions, labels, *docs)
+def pack(x: torch.Tensor, residual: torch.Tensor | None, batch: Batch) -> tuple:
+    """The tuple one part hands the next: (x, residual, *batch.to_tuple()) (residual is None only
+    inside stage 0, right after the embedding)."""
+    return (x, residual, *batch.to_tuple())
 
 
-def unpack(items: tuple) -> tuple[torch.Tensor, torch.Tensor | None, SequenceInfo, torch.Tensor]:
-    """pack's inverse -> (x, residual, seq, labels)."""
-    x, residual, positions, labels, *docs = items
-    doc_ids, resets = docs if docs else (None, None)
-    seq = SequenceInfo(positions=positions, doc_ids=doc_ids, resets=None if resets is None else resets.bool())
-    return x, residual, seq, labels
-
-
-def micro_batch_inputs(tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
-                       doc_ids: torch.Tensor | None, resets: torch.Tensor | None) -> tuple[Activations, torch.Tensor]:
-    """One micro-batch as the pipeline engine loads it: (first stage's inputs, last stage's labels)."""
-    docs = () if doc_ids is None else (doc_ids, resets.to(torch.uint8))
-    return (tokens, positions, labels, *docs), labels
+def unpack(items: tuple) -> tuple[torch.Tensor, torch.Tensor | None, Batch]:
+    """pack's inverse -> (x, residual, batch)."""
+    x, residual, *fields = items
+    return x, residual, Batch.from_tuple(fields)
 
 
 class EmbeddingPart(nn.Module):
-    """(tokens, positions, labels[, doc_ids, resets]) -> the activations tuple; with tied embeddings
+    """A Batch's tuple (`Batch.pipeline_inputs`) -> the activations tuple; with tied embeddings
     the same module ends the pipeline too (`loss`), so DeepSpeed ties its weight across the stages."""
 
     def __init__(self, args: LlamaArgs, mp: ModelParallelConfig, seed: int, tp_group: dist.ProcessGroup | None):
@@ -77,8 +72,8 @@ class EmbeddingPart(nn.Module):
             self.head = build_head(args, mp, seed, tp_group)  # holds no weight of its own
 
     def forward(self, inputs: Activations) -> tuple:
-        tokens, positions, labels, *docs = inputs
-        return (self.embed(tokens), None, positions, labels, *docs)
+        batch = Batch.from_tuple(inputs)
+        return pack(self.embed(batch.tokens), None, batch)
 
     def loss(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden, labels = inputs
@@ -91,9 +86,9 @@ class BlockPart(nn.Module):
         self.block = build_block(args, mp, seed, layer, tp_rank)
 
     def forward(self, inputs: tuple) -> tuple:
-        x, residual, seq, labels = unpack(inputs)
-        x, residual = self.block(x, residual, seq)
-        return pack(x, residual, seq, labels)
+        x, residual, batch = unpack(inputs)
+        x, residual = self.block(x, residual, SequenceInfo.of(batch))
+        return pack(x, residual, batch)
 
 
 class FinalNormPart(nn.Module):
@@ -102,9 +97,9 @@ class FinalNormPart(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, args.kernels)
 
     def forward(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual, _, labels = unpack(inputs)
+        x, residual, batch = unpack(inputs)
         hidden, _ = self.norm(x, residual)
-        return hidden, labels
+        return hidden, batch.labels
 
 
 class LossPart(nn.Module):
@@ -121,7 +116,8 @@ class LossPart(nn.Module):
 
 class TokenWeightedLoss:
     """The pipeline's loss_fn: sum of this micro-batch's token losses times the step's `scale`
-    (set by the training loop before each step); keeps the unscaled sum of the step."""
+    (`loss_scale` of parallel/loss_scale.py, set by the training step before each step); keeps
+    the unscaled sum of the step."""
 
     def __init__(self) -> None:
         self.scale, self.sums = 1.0, []
@@ -256,10 +252,3 @@ def pipeline_llama(args: LlamaArgs, mesh: ParallelMesh, mp: ModelParallelConfig,
 
 def _tied_loss(module: EmbeddingPart, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return module.loss(inputs)
-
-
-def gradient_divisor(mesh: ParallelMesh, pipelined: bool) -> int:
-    """What DeepSpeed divides the summed gradients by: dp (our mpu tells ZeRO that sp ranks share
-    samples) or, under the pipeline engine whose grid has no sp axis, dp x sp."""
-    return mesh.dp * mesh.sp if pipelined else mesh.dp
-

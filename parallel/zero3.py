@@ -1,10 +1,11 @@
 """ZeRO-3 under sequence parallelism: partitions over dp x sp, gradients summed there and divided by dp.
 
 Sequence-parallel ranks hold different tokens of the same samples and the same weights, so a
-weight's gradient is the sum over the sp ranks and the mean over the dp ranks. The training loss
-(launcher/train/loop.py) is scaled for DeepSpeed summing over dp x sp and dividing by dp, which is what
-ZeRO-1/2 do (deepspeed/runtime/zero/stage_1_and_2.py:1508, divide by dp_sp/sp). DeepSpeed 0.19.8's
-ZeRO-3, given our mpu, does neither (line numbers in deepspeed/runtime/):
+weight's gradient is the sum over the sp ranks and the mean over the dp ranks. The loss scale
+(parallel/loss_scale.py, whose rule this module keeps true under ZeRO-3) is set for DeepSpeed
+summing over dp x sp and dividing by dp, which is what ZeRO-1/2 do
+(deepspeed/runtime/zero/stage_1_and_2.py:1508, divide by dp_sp/sp). DeepSpeed 0.19.8's ZeRO-3,
+given our mpu, does neither (line numbers in deepspeed/runtime/):
 
 - zero/parameter_offload.py:268 converts the model with zero.Init over `mpu.get_data_parallel_group()`,
   dp alone, so every parameter is partitioned over dp (zero/partition_parameters.py:1302) and its

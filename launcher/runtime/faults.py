@@ -1,7 +1,8 @@
 """Faults injected for real, for tests only (never set in a real job): the one place the test-only
 environment variables are read.
 
-`ITHACA_TEST_FAULT=KIND:STEP:RANK` makes global rank RANK of a training run, at the start of step STEP:
+`ITHACA_TEST_FAULT=KIND:STEP:RANK` makes global rank RANK of a training run, at the start of step STEP
+(the training loop's one call, `at_step_start`, which does nothing when no fault is planned):
 - `kill`: receive SIGKILL at the start of the step, before its first collective, so the other
   ranks wait in that collective and no checkpoint after step STEP-1 can exist (a kill fired
   from a timer could land after the step, and its checkpoint, on a busy machine);
@@ -42,6 +43,14 @@ class Fault:
         else:
             while True:
                 time.sleep(3600)
+
+
+def at_step_start(step: int, rank: int) -> None:
+    """The training loop's one call per step, before the step's first collective: this rank's
+    planned fault fires if `step` is its step; without ITHACA_TEST_FAULT, nothing happens."""
+    fault = planned_fault(rank)
+    if fault is not None:
+        fault.at_step_start(step)
 
 
 def planned_fault(rank: int) -> Fault | None:

@@ -91,9 +91,8 @@ def record_steps(cfg: RunConfig, steps: int) -> list[StepGrads]:
         run_before_pipeline_update(engine, read_norms)
     records, loader = [], build_loader(cfg, mesh, None)
     try:
-        eos_id = loader.spec.manifests[0].tokenizer["eos_id"] if cfg.data.document_mask else None
         for _ in range(steps):
-            loss, _ = train_step(engine, loader.next_step(), mesh, ctx.device, eos_id, read_norms)
+            loss, _ = train_step(engine, loader.next_batches(), mesh, ctx.device, read_norms)
             records.append(StepGrads(loss=loss, grad_norms=dict(norms)))
             norms.clear()
     finally:

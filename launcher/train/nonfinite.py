@@ -14,23 +14,26 @@ configuration a non-finite gradient never reaches the weights: `stop` leaves the
 the last good state, and `skip` has nothing to undo.
 
 The decision is one all-reduce (MAX) of a flag over every rank of the job after the step, so
-pipeline stages, which see different parts of the numbers, agree too.
+pipeline stages, which see different parts of the numbers, agree too. `after_step` returns it as
+a Verdict that the loop acts on: continue, skip (the update was refused; go on) or stop (raise
+`verdict.error(...)`).
 
 The first non-finite parameter gradient is looked for only on the failure path, in what this rank
 holds before the update (DeepSpeed drops the gradients when it skips one): the whole gradient
 without ZeRO, this rank's optimizer partition under ZeRO 1-3, before clipping (a NaN norm makes
-every clipped gradient NaN). Without pipeline stages the loop looks before the update when the
-loss is already not finite; otherwise, at a stop, it computes the step again at the same weights
-(the update was skipped) and looks before that update. Pipeline stages run forward, backward and
-update in one DeepSpeed call, so there the gradient is 'unknown', as is a NaN that does not
-come back.
+every clipped gradient NaN). Without pipeline stages the step looks before the update when the
+loss is already not finite (`before_update`); otherwise, at a stop, the loop computes the step
+again at the same weights (the update was skipped) calling `look_for_bad_gradient` before that
+update, and asks again (`gather_bad_gradient`). Pipeline stages run forward, backward and update
+in one DeepSpeed call, so there the gradient is 'unknown', as is a NaN that does not come back.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -80,9 +83,30 @@ def _local_grad(param: nn.Parameter) -> torch.Tensor | None:
     return None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the loop does after a step, the same on every rank (`NonFiniteGuard.after_step`)."""
+
+    action: Literal["continue", "skip", "stop"]
+    """continue: finite; skip: not finite, the update refused (train.on_nonfinite=skip, under
+    train.max_skipped in a row), go on; stop: raise `error(...)`."""
+    reason: str = ""
+    """stop only: the step, its numbers and why, e.g. "step=3 loss=2.1 grad_norm=inf: not finite"."""
+    bad_gradient: str | None = None
+    """stop only: the first non-finite gradient a rank found before the update, "name (rank r)"; None
+    if none did (the loop may compute the step again to look: module docstring)."""
+    kept: str = ""
+    """stop only: the checkpoint a --resume continues from, in words."""
+
+    def error(self, bad_gradient: str | None) -> NonFiniteStep:
+        """The one-line error a stop raises, naming `bad_gradient` (None: 'unknown')."""
+        return NonFiniteStep(f"{self.reason}; first non-finite gradient: {bad_gradient or 'unknown'}; stopped "
+                             f"without saving this step, {self.kept}")
+
+
 class NonFiniteGuard:
-    """One per run: call `before_update` between the last backward and `engine.step()` where the loop
-    can, and `after_step` after every step on every rank (it communicates)."""
+    """One per run: call `before_update` between the last backward and `engine.step()` where the step
+    can, and `after_step` after every step on every rank (it communicates); act on its Verdict."""
 
     def __init__(self, cfg: RunConfig, engine, group: dist.ProcessGroup, device: torch.device):
         t = cfg.train
@@ -104,14 +128,12 @@ class NonFiniteGuard:
         """Between the last backward and `engine.step()` (before DeepSpeed clips and drops them)."""
         self.first_bad = first_nonfinite_grad(self.engine.module)
 
-    def after_step(self, step: int, loss: float, grad_norm: float | None, applied: bool,
-                   recompute: Callable[[], None] | None = None) -> bool:
-        """True if the step was skipped; raises NonFiniteStep to stop. Collective over `group`.
+    def after_step(self, step: int, loss: float, grad_norm: float | None, applied: bool) -> Verdict:
+        """The verdict on this step, the same on every rank. Collective over `group`.
 
         `grad_norm` is DeepSpeed's global norm (None where DeepSpeed computes none); `applied` is
-        `engine.was_step_applied()`. `recompute` runs the step again (same batch, same weights:
-        the update was skipped) calling `look_for_bad_gradient` before its update, used to name the
-        gradient when nothing was found before this one.
+        `engine.was_step_applied()`. A skip has already stepped the lr schedule and warned; a stop
+        carries every rank's finding of the first bad gradient (a second collective).
         """
         bad = not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)) and applied)
         flag = torch.tensor([float(bad)], device=self.device)
@@ -119,7 +141,7 @@ class NonFiniteGuard:
         if not flag.item():
             self.in_a_row, self.first_bad = 0, None
             self.spikes.see(step, loss)
-            return False
+            return Verdict("continue")
         self.in_a_row += 1
         self.skipped += 1
         numbers = f"step={step} loss={loss:.4g} grad_norm={'n/a' if grad_norm is None else f'{grad_norm:.4g}'}"
@@ -130,22 +152,19 @@ class NonFiniteGuard:
             log.warning(f"{numbers}: not finite; update skipped (skipped_steps={self.skipped}, "
                         f"{self.in_a_row} in a row of train.max_skipped={self.max_skipped})")
             self.first_bad = None
-            return True
-        found = self._gather_first_bad()
-        if found == "unknown" and recompute is not None:
-            recompute()
-            found = self._gather_first_bad()
+            return Verdict("skip")
         why = ("not finite" if self.on_nonfinite == "stop" else
                f"not finite for {self.in_a_row} steps in a row (train.max_skipped={self.max_skipped})")
-        raise NonFiniteStep(f"{numbers}: {why}; first non-finite gradient: {found}; stopped without saving "
-                            f"this step, {self._kept_checkpoint()}")
+        return Verdict("stop", reason=f"{numbers}: {why}", bad_gradient=self.gather_bad_gradient(),
+                       kept=self._kept_checkpoint())
 
-    def _gather_first_bad(self) -> str:
-        """Every rank's finding (each holds part of the gradients); the lowest rank's names the answer."""
+    def gather_bad_gradient(self) -> str | None:
+        """Every rank's finding since the last ask (each holds part of the gradients): the lowest
+        rank's, as "name (rank r)", or None if no rank found one. Collective over `group`."""
         found: list[str | None] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(found, self.first_bad, group=self.group)
         self.first_bad = None
-        return next((f"{name} (rank {r})" for r, name in enumerate(found) if name is not None), "unknown")
+        return next((f"{name} (rank {r})" for r, name in enumerate(found) if name is not None), None)
 
     def _kept_checkpoint(self) -> str:
         try:

@@ -57,6 +57,7 @@ def _our_token_losses(folder: str, tp: int, sp: int, sp_method: str, windows: to
     """Per-token losses [b, L] of the model started from `folder` on tp x sp ranks, gathered whole."""
     import torch.distributed as dist
 
+    from ithaca.data.batch import Batch
     from ithaca.models.hf_llama import llama_args_from_hf
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
@@ -69,10 +70,8 @@ def _our_token_losses(folder: str, tp: int, sp: int, sp_method: str, windows: to
     config = json.loads((Path(folder) / "config.json").read_text())
     args = llama_args_from_hf(config, "config.json", init_from=folder)
     model = parallelize_llama(args, mesh, seed=7)  # the seed's weights are all replaced
-    part = lambda t: mesh.sequence.part(t, sp_rank=mesh.rank("sp"))  # noqa: E731
-    positions = torch.arange(windows.shape[1] - 1).expand(windows.shape[0], -1)
-    with torch.no_grad():
-        losses = model(part(windows[:, :-1]), part(positions), part(windows[:, 1:]))
+    with torch.no_grad():  # positions 0..L-1: no document mask, as transformers' forward
+        losses = model(Batch.from_window(windows, eos_id=None).part(mesh.sequence, sp_rank=mesh.rank("sp")))
     pieces = [torch.empty_like(losses) for _ in range(sp)]
     dist.all_gather(pieces, losses, group=mesh.group("sp"))
     return zigzag_merge(pieces, dim=1) if mesh.ring > 1 else torch.cat(pieces, dim=1)

@@ -15,6 +15,7 @@ def _hybrid_losses(sp: int) -> tuple[torch.Tensor, bool]:
 
     import torch.distributed as dist
 
+    from ithaca.data.batch import Batch
     from ithaca.models.llama_args import LlamaArgs
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
@@ -28,9 +29,7 @@ def _hybrid_losses(sp: int) -> tuple[torch.Tensor, bool]:
                      activation_checkpointing="selective")
     model = parallelize_llama(args, mesh, seed=3)
     window = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
-    part = lambda t: mesh.sequence.part(t, mesh.rank("sp"))  # noqa: E731
-    positions = torch.arange(32).expand(2, 32)
-    losses = model(part(window[:, :-1]), part(positions), part(window[:, 1:]))
+    losses = model(Batch.from_window(window, eos_id=None).part(mesh.sequence, mesh.rank("sp")))
     losses.sum().backward()
     pieces = [torch.empty_like(losses) for _ in range(sp)]
     dist.all_gather(pieces, losses.detach(), group=mesh.group("sp"))

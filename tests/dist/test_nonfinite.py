@@ -26,13 +26,13 @@ def _inject(kind: str, steps: set[int], ranks: set[int] | None, param_name: str 
 
     from ithaca.launcher.train import loop
 
-    real_step, seen = train.train_step, {"step": 0, "batch": None}
+    real_step, seen = loop.train_step, {"step": 0, "batch": None}
 
-    def faulty_step(engine, micro_batches, mesh, device, eos_id, before_update=None):
+    def faulty_step(engine, micro_batches, mesh, device, before_update=None):
         if micro_batches is not seen["batch"]:  # a new step, not the loop computing this one again
             seen["step"], seen["batch"] = seen["step"] + 1, micro_batches
         if seen["step"] not in steps or (ranks is not None and dist.get_rank() not in ranks):
-            return real_step(engine, micro_batches, mesh, device, eos_id, before_update)
+            return real_step(engine, micro_batches, mesh, device, before_update)
         if kind == "grad":
             params = dict(engine.module.named_parameters())
             param = params[param_name] if param_name else next(iter(params.values()))
@@ -40,12 +40,12 @@ def _inject(kind: str, steps: set[int], ranks: set[int] | None, param_name: str 
         else:
             hook = engine.module.get_submodule("embed").register_forward_hook(lambda m, i, out: out * float("nan"))
         try:
-            return real_step(engine, micro_batches, mesh, device, eos_id, before_update)
+            return real_step(engine, micro_batches, mesh, device, before_update)
         finally:
             hook.remove()
 
-    train.train_step = faulty_step
-    return lambda: setattr(train, "train_step", real_step)
+    loop.train_step = faulty_step
+    return lambda: setattr(loop, "train_step", real_step)
 
 
 def _train(data: str, out: str, overrides: tuple[str, ...]) -> dict:

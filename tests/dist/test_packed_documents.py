@@ -15,7 +15,7 @@ EOS = 256
 
 
 def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    from ithaca.data.packing import document_ids, document_positions, document_starts
+    from ithaca.data.batch import Batch
     from ithaca.launcher.config.load import load_config
     from ithaca.parallel.megatron_bridge import initialize_megatron
     from ithaca.parallel.mesh import build_mesh
@@ -28,13 +28,10 @@ def _packed_vs_separate(config: str, overrides: list[str]) -> tuple[torch.Tensor
     gen = torch.Generator().manual_seed(1)
     docs = [torch.cat([torch.randint(0, 256, (n,), generator=gen), torch.tensor([EOS])]) for n in (9, 1, 14)]
     window = torch.cat(docs)[None]  # [1, 27]: three documents, each ending in EOS
-    tokens, labels = window[:, :-1], window[:, 1:]
-    doc_ids = document_ids(tokens, EOS)
-    packed = model(tokens, document_positions(doc_ids), labels, doc_ids, document_starts(doc_ids))[0]
+    packed = model(Batch.from_window(window, EOS))[0]
     separate = []
     for doc in docs:  # each document alone, positions from 0, no mask needed
-        inputs, targets = doc[None, :-1], doc[None, 1:]
-        separate.append(model(inputs, torch.arange(inputs.shape[1])[None], targets)[0])
+        separate.append(model(Batch.from_window(doc[None], eos_id=None))[0])
     # the packed window's label at a document's last token (EOS) is the next document's first
     # token: there is no such label when run alone, so compare the per-document parts
     lengths = [len(d) - 1 for d in docs]

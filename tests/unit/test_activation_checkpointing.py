@@ -32,7 +32,7 @@ def _counting(fn: Callable, counts: dict[str, int], key: str) -> Callable:
 def _run_modes(config: str, overrides: list[str]) -> dict[str, dict]:
     """Per mode: per-token losses, every parameter gradient, bytes of activations saved for backward
     (counted by a saved-tensors hook, parameters excluded) and how often blocks and mixers ran."""
-    from ithaca.data.packing import document_ids, document_positions, document_starts
+    from ithaca.data.batch import Batch
     from ithaca.models.linear_attention import LinearAttention
     from ithaca.models.llama import Attention
     from ithaca.parallel.megatron_bridge import initialize_megatron
@@ -47,11 +47,8 @@ def _run_modes(config: str, overrides: list[str]) -> dict[str, dict]:
     for lengths in ((9, 1, 14, 20, 3), (30, 20)):  # two packed rows of 52 tokens, documents of odd lengths
         docs = [torch.cat([torch.randint(0, EOS, (n,), generator=gen), torch.tensor([EOS])]) for n in lengths]
         rows.append(torch.cat(docs))
-    window = torch.stack(rows)  # [2, 52]
-    tokens, labels = window[:, :-1], window[:, 1:]
-    doc_ids = document_ids(tokens, EOS)
-    positions, resets = document_positions(doc_ids), document_starts(doc_ids)
-    cotangent = torch.randn(labels.shape, generator=gen)  # random: .sum() would hide a permuted token
+    batch = Batch.from_window(torch.stack(rows), EOS)  # [2, 51]
+    cotangent = torch.randn(batch.labels.shape, generator=gen)  # random: .sum() would hide a permuted token
 
     results = {}
     for mode in MODES:
@@ -72,7 +69,7 @@ def _run_modes(config: str, overrides: list[str]) -> dict[str, dict]:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            losses = model(tokens, positions, labels, doc_ids, resets)
+            losses = model(batch)
         losses.backward(cotangent)
         results[mode] = dict(losses=losses.detach(), saved_bytes=sum(saved.values()), counts=counts,
                              grads={name: p.grad for name, p in model.named_parameters()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ithaca.data import ByteTokenizer, PackedLoader, ShardError, Source, prep, read_manifest
 from ithaca.data.split import stream_shards
@@ -200,6 +202,32 @@ def test_more_streams_than_shards_and_a_state_that_is_not_every_ranks_are_refuse
     other = write_documents(tmp_path / "other", numbered_texts(40, "other"), shard_tokens=200)
     with pytest.raises(ValueError, match=r"state: the data position is for 1 data folder\(s\), this run reads 2"):
         make_loader([Source(path), Source(other)], state=[one_rank.state_dict()])
+
+
+def test_batches_are_the_windows_with_documents_marked_at_the_tokenizers_eos(corpus):
+    from ithaca.data.batch import Batch
+
+    path, _ = corpus
+    windows, masked, plain = (make_loader(path, seed=3, **kw) for kw in ({}, {}, {"document_mask": False}))
+    assert masked.eos_id == EOS == read_manifest(path).tokenizer["eos_id"]
+    documents = 0
+    for _ in range(3):
+        for w, b, p in zip(windows.next_step(), masked.next_batches(), plain.next_batches()):
+            assert all(torch.equal(x, y) for x, y in zip(b.fields(), Batch.from_window(w, EOS).fields()))
+            assert torch.equal(p.tokens, w[:, :-1]) and p.doc_ids is None and p.resets is None
+            documents += int(b.resets.sum())
+    assert documents > 0  # some window held a document start after its first token
+
+
+def test_datasets_whose_documents_end_with_different_eos_ids_are_refused(corpus, tmp_path):
+    path, _ = corpus
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["eos_id"] = 0
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"end documents with different EOS ids \[0, 256\]"):
+        make_loader([Source(path), Source(other)])
 
 
 def test_close_stops_the_workers_and_an_open_loader_does_not_hold_up_exit(corpus):
