@@ -92,7 +92,7 @@ def _resume_logged(data: str, out: str, *layout: str) -> tuple[list[float], list
     from ithaca.launcher.checkpoint import store  # its logger is set up on import: before a handler is added to it
 
     lines = LogLines()
-    checkpoint.log.addHandler(lines)
+    store.log.addHandler(lines)
     losses = _train(data, out, f"{out}/checkpoints/step_00000003", *layout)
     return losses, [m for m in lines.messages if m.startswith("resharding")]
 
