@@ -19,6 +19,7 @@ import torch
 
 from ithaca.kernels._backend import auto_triton_or, choose
 from ithaca.kernels.delta_rule.chunked import delta_rule_chunked, delta_rule_transition_chunked
+from ithaca.kernels.delta_rule.limits import MAX_DK
 from ithaca.kernels.delta_rule.reference import delta_rule_reference, delta_rule_transition_reference
 from ithaca.kernels.linear_attention import check_linear_attention_inputs
 
@@ -29,8 +30,6 @@ DeltaRuleImpl = Literal["auto", "triton", "chunked", "reference"]
 CHUNK = 64
 """Chunk length of the chunked path: O(CHUNK^2) memory per head, CHUNK sequential substitution rows."""
 
-MAX_DK = 256
-"""Widest keys the Triton kernels take (triton.py holds a key in one block per program)."""
 
 
 def _check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

@@ -64,7 +64,7 @@ import triton.language as tl
 
 from ithaca.kernels._alloc import new_output
 from ithaca.kernels._backend import interpreting
-from ithaca.kernels.delta_rule import MAX_DK
+from ithaca.kernels.delta_rule.limits import MAX_DK
 from ithaca.kernels.linear_attention.reference import expand_log_decay
 from ithaca.kernels.triton_common import (block_size, chunk_cumsum, chunk_weights, dot, exact_dots, segment_ids,
                                            state_pointers, token_pointers)
