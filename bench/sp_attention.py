@@ -142,6 +142,9 @@ def _worker(rank: int, world: int, port: int, device: str, lengths: list[int], r
     if rank == 0:
         with open(table, "w") as f:
             f.write("\n".join(rows) + "\n")
+    # Every rank done with every exchange before any leaves: a rank whose gloo peer exited first was
+    # seen aborting (SIGABRT) at teardown, once in a full suite run.
+    dist.barrier()
     dist.destroy_process_group()
 
 
