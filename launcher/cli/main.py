@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    from ithaca.launcher.cli import eval_command, plan_command  # light: heavy imports are inside their run()
+
+    eval_command.add_parser(sub)
+    plan_command.add_parser(sub)
     track_sync = sub.add_parser("track-sync", help="push the MLflow records a run journaled while its tracking "
                                                    "server did not answer")
     track_sync.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder (train.output_dir)")
@@ -113,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "eval":
+            from ithaca.launcher.cli import eval_command
+
+            return eval_command.run(args)
+        if args.command == "plan":
+            from ithaca.launcher.cli import plan_command
+
+            return plan_command.run(args)
         return _train(args, argv)
     except ConfigError as err:
         print(f"ithaca: config error: {err}", file=sys.stderr)
