@@ -97,6 +97,7 @@ def _worker(rank: int, world: int, port: int, device: str, micro: int, dim: int,
         with open(out, "a") as table:
             for stage, (fraction, in_p2p) in enumerate(rows):
                 table.write(f"| {world} | {micro} | {stage} | {fraction:.3f} | {in_p2p:.3f} | {bound:.3f} |\n")
+    dist.barrier()  # no rank tears gloo down while another still talks to it (a rank once aborted so)
     dist.destroy_process_group()
 
 

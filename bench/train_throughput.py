@@ -97,6 +97,7 @@ def main() -> None:
         del runs
         if cuda:
             torch.cuda.empty_cache()
+    dist.barrier()  # no rank tears gloo down while another still talks to it (a rank once aborted so)
     dist.destroy_process_group()
 
 
