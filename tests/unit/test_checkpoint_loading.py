@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ithaca.launcher.checkpoint.format import load_weights_only
+from ithaca.launcher.checkpoint.format import load_weights_only, read_checkpoint_facts
 from ithaca.launcher.config.schema import ConfigError
 from ithaca.launcher.config.load import load_config
 
@@ -47,6 +47,17 @@ def test_deepspeed_state_classes_and_tensors_load(tmp_path):
     loaded = load_weights_only(tmp_path / "optim_states.pt", map_location=lambda storage, loc: storage)
     assert loaded["loss_scaler"].cur_scale == 1.0 and loaded["zero_stage"] is ZeroStageEnum.gradients
     assert loaded["fragment"] == fragment_address(numel=4, start=8) and torch.equal(loaded["flat"][0], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("states_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"])
+def test_the_layout_and_shape_facts_are_read_and_a_checkpoint_without_them_is_refused(tmp_path, states_file):
+    facts = {"layout": {"dp": 2, "sp": 2}, "model_shape": {"dim": 64}}
+    torch.save({"module": {"w": torch.ones(2)}, **facts, "lr": 1.0}, tmp_path / states_file)
+    assert read_checkpoint_facts(tmp_path) == facts
+    torch.save({"module": {"w": torch.ones(2)}, "layout": facts["layout"]}, tmp_path / states_file)
+    with pytest.raises(ValueError, match=rf"{states_file}: its client state has no 'model_shape'; not a checkpoint "
+                                         r"saved by `ithaca train`"):
+        read_checkpoint_facts(tmp_path)
 
 
 def test_keep_must_be_at_least_one():
