@@ -27,6 +27,9 @@ class ShardInfo:
 class Manifest:
     tokenizer: dict
     shards: list[ShardInfo]
+    holdout: dict | None = None
+    """`ithaca prep --holdout`'s eval set: {"path": its folder relative to this one, "documents": N};
+    those documents are in no shard listed here."""
 
     @property
     def documents(self) -> int:
@@ -37,8 +40,9 @@ class Manifest:
         return sum(s.tokens for s in self.shards)
 
     def to_json(self) -> str:
+        holdout = {} if self.holdout is None else {"holdout": self.holdout}
         return json.dumps({"format": FORMAT, "tokenizer": self.tokenizer, "documents": self.documents,
-                           "tokens": self.tokens, "shards": [vars(s) for s in self.shards]}, indent=1)
+                           "tokens": self.tokens, "shards": [vars(s) for s in self.shards], **holdout}, indent=1)
 
 
 def read_manifest(folder: str | Path) -> Manifest:
@@ -52,7 +56,8 @@ def read_manifest(folder: str | Path) -> Manifest:
                          f"write shards with `ithaca prep --output {folder}`")
     try:
         raw = json.loads(path.read_text())
-        manifest = Manifest(tokenizer=raw["tokenizer"], shards=[ShardInfo(**s) for s in raw["shards"]])
+        manifest = Manifest(tokenizer=raw["tokenizer"], shards=[ShardInfo(**s) for s in raw["shards"]],
+                            holdout=raw.get("holdout"))
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
     except (ValueError, KeyError, TypeError) as err:

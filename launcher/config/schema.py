@@ -219,6 +219,27 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every: int | None = None
+    """Evaluate held-out loss every this many steps and at the last step (launcher/eval/);
+    omitted means no evaluation during training."""
+    batches: int = 2
+    """Eval batches of train.global_batch windows each: the first ones of the eval data, the same
+    at every eval, under every layout and across resumes."""
+    path: str | None = None
+    """A folder written by `ithaca prep` to evaluate on; omitted means the holdout that
+    `ithaca prep --holdout` wrote beside data.path."""
+    seq_len: int | None = None
+    """Tokens per eval window; omitted means data.seq_len."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "batches", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < (2 if name == "seq_len" else 1):
+                raise ConfigError(f"eval.{name}", value, "use 1 or more (seq_len: 2 or more), or omit it")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: LlamaArgs
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -227,6 +248,7 @@ class RunConfig:
     train: TrainConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         p = self.parallel
@@ -251,6 +273,9 @@ class RunConfig:
         chunks = self.sequence.chunks  # the ring's zigzag cuts 2 chunks per rank
         if self.data.seq_len % chunks:
             raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"must be divisible by {chunks} (sp={sp}, sp_method={p.sp_method})")
+        if self.eval_seq_len % chunks:
+            raise ConfigError("eval.seq_len", self.eval_seq_len,
                               f"must be divisible by {chunks} (sp={sp}, sp_method={p.sp_method})")
         halo = self.model.delta_conv_size - 1
         if "D" in self.model.layer_pattern and sp > 1 and self.data.seq_len // chunks < halo:
@@ -287,6 +312,11 @@ class RunConfig:
     def sequence(self) -> SequenceLayout:
         """The run's sequence layout: `parallel.sp`, `sp_method`, `ulysses_degree` and `model.linear_sp_exchange`."""
         return sequence_layout(self.parallel, self.model.linear_sp_exchange)
+
+    @property
+    def eval_seq_len(self) -> int:
+        """Tokens per eval window: eval.seq_len, else data.seq_len."""
+        return self.eval.seq_len or self.data.seq_len
 
     @property
     def grad_accum_steps(self) -> int:

@@ -33,6 +33,7 @@ from ithaca.data.loader import PackedLoader, Source
 from ithaca.launcher.checkpoint.reshard import checkpoint_facts
 from ithaca.launcher.checkpoint.store import load_checkpoint, save_checkpoint
 from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.eval.run import TrainingEval
 from ithaca.launcher.runtime import faults
 from ithaca.launcher.runtime.distributed import init_distributed, restart_attempt
 from ithaca.launcher.runtime.preemption import StopOnSignal, clear_marker, write_marker
@@ -128,12 +129,15 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         loader = build_loader(cfg, run.mesh, loader_states)
         tracker = Tracker(cfg, run.config_yaml, run_key) if run.rank == 0 else None
         guard = NonFiniteGuard(cfg, run.engine, dist.group.WORLD, run.device)  # after a resume: it reads skipped_steps
+        evaluator = TrainingEval(cfg, run.engine, run.mesh, run.device, run.output, run.rank) if cfg.eval.every else None
         while step < cfg.train.steps:
             step += 1
             watchdog.begin(step)
             record, speed = run_step(run, loader, guard, step)
             records.append(record)
             log_step(run, record, speed, guard.skipped, loader, tracker)
+            if evaluator:
+                evaluator.after_step(step, tracker)  # forward only: the weights and the next steps are untouched
             stop = stopper.agreed(run.device) if step < cfg.train.steps else None
             save_if_due(run, step, stop, loader, tracker)
             watchdog.end(step)

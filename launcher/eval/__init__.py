@@ -1,0 +1,1 @@
+"""Held-out evaluation: fixed eval windows, forward-only loss under any layout, loss by position."""

@@ -1,0 +1,86 @@
+"""Eval during training: every `eval.every` steps and at the last one, the held-out loss of the
+same eval batches (launcher/eval/batches.py) under the training layout (launcher/eval/loss.py).
+
+Rank 0 logs `eval step=N eval_loss=... eval_ppl=... eval_s=...`, sends eval_loss, eval_ppl and
+eval_loss_pos_<first>_<last> to MLflow at that step, appends the eval to
+<train.output_dir>/eval/history.jsonl and redraws <train.output_dir>/eval/loss_by_position.png from
+that whole file (a resumed run keeps the earlier evals in the picture; a step evaluated again after
+a resume replaces its line).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.eval.batches import run_batches
+from ithaca.launcher.eval.loss import EvalTotals, evaluate
+from ithaca.launcher.eval.plots import plot_loss_by_position
+from ithaca.launcher.eval.positions import metric_names
+from ithaca.launcher.tracking.tracker import Tracker
+from ithaca.log import get_logger
+from ithaca.parallel.mesh import ParallelMesh
+
+log = get_logger(__name__)
+
+
+def eval_metrics(totals: EvalTotals) -> dict[str, float]:
+    """eval_loss, eval_ppl and one eval_loss_pos_<first>_<last> per bucket holding tokens."""
+    by_position = dict(zip(metric_names(totals.seq_len),
+                           [s / n if n else None for s, n in zip(totals.bucket_sums, totals.bucket_tokens)]))
+    return {"eval_loss": totals.loss, "eval_ppl": totals.ppl,
+            **{name: loss for name, loss in by_position.items() if loss is not None}}
+
+
+def read_history(path: Path) -> dict[int, dict[tuple[int, int], float]]:
+    """history.jsonl -> eval step -> (first, last) position -> mean loss; a later line for a step wins."""
+    history = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        history[entry["step"]] = {tuple(b): loss for b, loss in entry["loss_by_position"]}
+    return history
+
+
+class TrainingEval:
+    """The eval hook of the training loop (launcher/train/loop.py)."""
+
+    def __init__(self, cfg: RunConfig, engine: deepspeed.DeepSpeedEngine, mesh: ParallelMesh, device: torch.device,
+                 output: Path, rank: int):
+        self.cfg, self.engine, self.mesh, self.device, self.rank = cfg, engine, mesh, device, rank
+        self.folder, self.batches = run_batches(cfg, mesh.dp, mesh.rank("dp"))
+        self.history_path = output / "eval" / "history.jsonl"
+        self.plot_path = output / "eval" / "loss_by_position.png"
+
+    def is_due(self, step: int) -> bool:
+        return step % self.cfg.eval.every == 0 or step == self.cfg.train.steps
+
+    def run(self) -> EvalTotals:
+        """One eval now (collective): the totals every rank agrees on."""
+        return evaluate(self.engine, self.batches, self.mesh, self.device, self.cfg.eval_seq_len)
+
+    def after_step(self, step: int, tracker: Tracker | None) -> EvalTotals | None:
+        """The eval when one is due at `step` (collective), logged and tracked on rank 0; else None."""
+        if not self.is_due(step):
+            return None
+        start = time.perf_counter()
+        totals = self.run()
+        seconds = time.perf_counter() - start
+        log.info(f"eval step={step} eval_loss={totals.loss:.4f} eval_ppl={totals.ppl:.2f} eval_s={seconds:.2f}")
+        if self.rank == 0:
+            if tracker:
+                tracker.log_step(step, {**eval_metrics(totals), "eval_s": seconds})
+            self._record(step, totals)
+        return totals
+
+    def _record(self, step: int, totals: EvalTotals) -> None:
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"step": step, "eval_loss": totals.loss, "tokens": totals.tokens,
+                 "loss_by_position": [[list(b), loss] for b, loss in totals.bucket_losses().items()]}
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        plot_loss_by_position(read_history(self.history_path), self.plot_path)
