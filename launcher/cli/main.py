@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--check-first", action="store_true",
                        help="run `ithaca check` on this config first (from its seed, whatever --resume says) "
                             "and train only if it passes")
+    train.add_argument("--force", action="store_true",
+                       help="start even when the plan predicts a peak above each rank's memory")
     from ithaca.launcher.train.check import DEFAULT_STEPS  # light: the check's heavy imports are inside its functions
 
     check = sub.add_parser("check", help="train a few steps of the config's layout and of one process with the "
@@ -163,7 +165,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_library_warnings()
     from ithaca.launcher.config.load import load_config
     from ithaca.launcher.runtime.distributed import env_world_size, launched_by_torchrun, restart_attempt
-    from ithaca.launcher.config.preflight import check_kernels_here, preflight
+    from ithaca.launcher.config.preflight import check_kernels_here, check_memory, preflight
 
     if args.max_restarts < 0:
         raise ConfigError("--max-restarts", args.max_restarts, "use 0 (no restarts) or more")
@@ -177,6 +179,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if not launched_by_torchrun():
         nproc = args.nproc or cfg.parallel.world_size
         preflight(cfg, nproc, args.resume)
+        if not args.force:
+            check_memory(cfg, nproc)
         if args.check_first:
             from ithaca.launcher.train.check import DEFAULT_STEPS
 

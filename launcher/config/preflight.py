@@ -74,3 +74,30 @@ def _identity(spec: str) -> dict:
         return load_tokenizer(spec).identity()
     except ValueError as err:
         raise ConfigError("data.tokenizer", spec, str(err).partition(": ")[2]) from None
+
+
+def check_memory(cfg: RunConfig, nproc: int, gpus_per_node: int | None = None, device_name: str | None = None) -> None:
+    """Raise ConfigError when the plan's predicted peak per rank (launcher/plan/memory.py) exceeds what
+    a rank has: the GPU's memory (this machine's, or the table's `device_name`), or on the CPU the
+    machine's RAM shared by its ranks. The message names the largest term and the fastest layout of
+    `nproc` ranks that fits."""
+    from ithaca.launcher.plan.devices import GIB, load_device, this_machine
+    from ithaca.launcher.plan.layouts import accepted_layouts
+    from ithaca.launcher.plan.report import best_first, make_plan
+
+    device = load_device(device_name) if device_name is not None else this_machine()
+    per_node = gpus_per_node or nproc
+    plan = make_plan(cfg, device, nproc, per_node)
+    if plan.fits:
+        return
+    fitting = [p for p in best_first([make_plan(c, device, nproc, per_node) for c in accepted_layouts(cfg, nproc)])
+               if p.fits]
+    best = (f"the fastest that fits is {fitting[0].layout.short()} ({fitting[0].memory.total / GIB:.2f} GiB; "
+            f"`ithaca plan --config ... --gpus {nproc}` lists them)" if fitting
+            else f"no layout of {nproc} ranks fits: use a shorter data.seq_len, a smaller model or more memory")
+    shared = f" ({device.memory_gib:g} GiB RAM shared by {per_node} ranks)" if device.name == "cpu" else ""
+    raise ConfigError("parallel", plan.layout.short(),
+                      f"predicted peak {plan.memory.total / GIB:.2f} GiB per rank exceeds the "
+                      f"{plan.memory_limit / GIB:.2f} GiB a {device.name} rank has{shared}; largest term "
+                      f"{plan.memory.largest} {plan.memory.as_dict()[plan.memory.largest] / GIB:.2f} GiB; {best}; "
+                      f"or pass --force to run anyway")

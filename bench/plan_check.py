@@ -1,0 +1,135 @@
+"""`ithaca plan`'s activation memory against measurement: the peak of live tensor bytes per rank.
+
+Each case is a model and layout (config overrides on a base config); its tp x sp ranks run as
+gloo processes on this machine, each building its part of the model as training does
+(parallelize_llama), its gradients allocated first (the backward adds into them in place), then
+one forward + backward of its part of a packed batch (documents of DOC tokens) under
+bench/peak_memory.py's live-tensor counter. The largest peak over ranks is set beside the plan's
+activation and loss terms for the same layout (launcher/plan/memory.py), which hold what the
+step allocates beyond the weights and gradients.
+
+Not covered here: pipeline stages and ZeRO (the plan's model-state terms are counted from the
+architecture, not measured), and the GPU (bf16, other kernels).
+
+Run:  python -m ithaca.bench.plan_check            (CPU, about N minutes on 2 cores)
+      python -m ithaca.bench.plan_check --cases NAME ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.multiprocessing as mp
+
+from ithaca.bench.header import bench_header
+from ithaca.bench.rendezvous import free_port
+
+DOC = 1024
+BASE = ["data.path=unused", "train.global_batch=1", "train.micro_batch=1", "parallel.dp=1", "model.n_heads=8",
+        "model.n_kv_heads=2", "model.vocab_size=320"]
+SMALL = ["model.dim=256", "model.ffn_dim=768", "model.n_layers=2"]
+MID = ["model.dim=768", "model.ffn_dim=2048", "model.n_layers=8", "model.vocab_size=32768", "model.n_heads=12",
+       "model.n_kv_heads=4"]  # about 85M parameters
+CASES: dict[str, list[str]] = {
+    "S none 2K": SMALL + ["data.seq_len=2048"],
+    "S selective 4K": SMALL + ["data.seq_len=4096", "model.activation_checkpointing=selective"],
+    "S full 4K": SMALL + ["data.seq_len=4096", "model.activation_checkpointing=full"],
+    "L none 2K": SMALL + ["data.seq_len=2048", "model.layer_pattern=L", "model.linear_decay=gated"],
+    "D selective 2K": SMALL + ["data.seq_len=2048", "model.layer_pattern=D", "model.activation_checkpointing=selective"],
+    "LS sp2 ring 4K": SMALL + ["data.seq_len=4096", "model.layer_pattern=LS", "parallel.sp=2", "parallel.sp_method=ring"],
+    "S sp2 ulysses 4K": SMALL + ["data.seq_len=4096", "parallel.sp=2"],
+    "DS sp2 allgather scan 4K": SMALL + ["data.seq_len=4096", "model.layer_pattern=DS", "parallel.sp=2",
+                                         "parallel.sp_method=allgather", "model.linear_sp_exchange=scan"],
+    "S tp2 2K": SMALL + ["data.seq_len=2048", "parallel.tp=2"],
+    "S sp4 usp 8K": SMALL + ["data.seq_len=8192", "parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses_degree=2"],
+    "L sp4 scan 16K": SMALL + ["data.seq_len=16384", "model.layer_pattern=L", "parallel.sp=4",
+                               "model.linear_sp_exchange=scan", "model.activation_checkpointing=selective"],
+    "85M S full 2K": MID + ["data.seq_len=2048", "model.activation_checkpointing=full"],
+    "85M LLLS selective 4K": MID + ["data.seq_len=4096", "model.layer_pattern=LLLS",
+                                    "model.activation_checkpointing=selective"],
+}
+
+
+def case_config(overrides: list[str]):
+    from ithaca.launcher.config.load import load_config
+
+    return load_config("debug-cpu", BASE + overrides)
+
+
+def predicted_step_bytes(overrides: list[str]) -> int:
+    """The plan's bytes one forward + backward allocates beyond weights and gradients (largest rank)."""
+    from ithaca.launcher.plan.memory import peak_memory
+
+    terms = peak_memory(case_config(overrides))
+    return sum(terms.activations.values()) + terms.loss
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import torch.distributed as dist
+
+    from ithaca.bench.peak_memory import peak_bytes
+    from ithaca.data.batch import Batch
+    from ithaca.data.packing import document_positions, document_starts
+    from ithaca.launcher.runtime.distributed import init_distributed
+    from ithaca.parallel.parallelize import parallelize_llama
+
+    cfg = case_config(overrides)
+    mesh = init_distributed(dp=1, pp=1, tp=cfg.parallel.tp, sequence=cfg.sequence).mesh
+    model = parallelize_llama(cfg.model, mesh)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    n = cfg.data.seq_len
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, n + 1), generator=gen)
+    doc_ids = (torch.arange(n) // DOC)[None]
+    whole = Batch(tokens=tokens[:, :-1], labels=tokens[:, 1:], positions=document_positions(doc_ids),
+                  doc_ids=doc_ids, resets=document_starts(doc_ids))
+    batch = whole.part(mesh.sequence, mesh.rank("sp"))
+    upstream = torch.rand(1, n // cfg.parallel.sp, generator=gen)
+
+    def step() -> None:
+        model(batch).backward(upstream)
+
+    step()  # warm-up: first calls build lazily cached tables
+    peak = torch.tensor([peak_bytes(step, "cpu")])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(int(peak.item())))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measured_step_bytes(overrides: list[str]) -> int:
+    """The largest peak over the case's ranks of live tensor bytes in one forward + backward."""
+    cfg = case_config(overrides)
+    world = cfg.parallel.tp * cfg.parallel.sp
+    out = f"/tmp/bench_plan_check_{os.getpid()}.txt"
+    mp.start_processes(_worker, args=(world, free_port(), overrides, out), nprocs=world, start_method="spawn")
+    with open(out) as f:
+        peak = int(f.read())
+    os.remove(out)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME")
+    args = parser.parse_args()
+    print(bench_header("plan_check", "cpu", f"fp32, one packed row, documents of {DOC} tokens, forward + backward"))
+    print("| case | ranks | predicted MiB | measured MiB (max over ranks) | predicted/measured |")
+    print("|---|---|---|---|---|")
+    for name in args.cases:
+        cfg = case_config(CASES[name])
+        predicted, measured = predicted_step_bytes(CASES[name]), measured_step_bytes(CASES[name])
+        print(f"| {name} | {cfg.parallel.tp * cfg.parallel.sp} | {predicted / 2**20:.1f} | {measured / 2**20:.1f} | "
+              f"{predicted / measured:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

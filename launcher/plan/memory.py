@@ -1,0 +1,155 @@
+"""Peak bytes one rank holds in a training step, by term.
+
+Model states (counted from the architecture, LlamaArgs.part_parameters, for the rank's pipeline
+stage and tp shard; ZeRO partitions over the dp x sp ranks, DeepSpeed's data axis):
+
+    weights        P w, ZeRO-3: P w / Z                      (w = 4 fp32, 2 bf16)
+    gradients      P w, ZeRO-2/3: P w / Z
+    optimizer      AdamW's two fp32 moments 8 P, and under bf16 the fp32 master and gradient
+                   copies 8 P; divided by Z from ZeRO-1 on (bf16 with ZeRO-0: DeepSpeed's bf16
+                   optimizer partitions them too)
+
+Activations, per layer and token of the rank's part (s = seq_len / sp tokens, micro_batch rows),
+in elements of the compute dtype, fit to bench/plan_check.py's live-tensor measurements of one
+process (a whole model's forward + backward, 2 and 3 layers, kinds x modes x shapes; every
+coefficient's data is in bench/RESULTS.md):
+
+    S none        10.125 dim + 3 kv_dim + 4 ffn + 10      selective  8 dim + 2 kv_dim + 4 ffn + 2
+    L none        17.875 dim + 4 ffn + 198 h + dim d/64 + 18   selective  11 dim + 4 ffn + h + 2
+    D none        36.9 dim + 4 ffn + 460 h + dim d/64 + 18     selective  11 dim + 4 ffn + 18
+    full          2 dim per layer kept (the block's two inputs) and, in the backward, one layer
+                  recomputed with everything `none` keeps
+
+(dim d/64: the chunked kernels' d x d state per 64-token chunk and head; 198 h and 460 h: their
+within-chunk [64 x 64] matrices and gates.) A tp rank holds the ffn, kv and head terms / tp and
+the dim terms whole, except the per-head share of them (measured at tp2 for S none: 4 of
+its 10.125 dim; the other kinds' split is assumed: all but 6 dim). The allgather softmax method adds the gathered K and V of the whole sequence
+to each softmax layer. A pipeline's first stage holds pp micro-batches at once (1F1B), stage k
+pp - k.
+
+Outside the layers (embedding, final norm, the chunked loss): 4.5625 dim + 2 min(V/tp, 4096)
+elements per token (the loss's blocks are 2048 tokens x 4096 vocabulary rows) and a fixed 1.1 MB,
+on the last stage (the embedding's share on the first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ithaca.launcher.config.schema import RunConfig
+from ithaca.models.llama_args import LlamaArgs
+
+LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK = 2048, 4096
+"""kernels/linear_cross_entropy/chunked.py's block (read here as numbers: that module imports torch)."""
+LOSS_FIXED_BYTES = 1_114_112
+CHUNK = 64
+"""The chunked linear-attention and delta-rule kernels' chunk length."""
+
+LayerCoefficients = tuple[float, float, float, float, float, float, float]
+"""Elements per token: (dim kept whole on every tp rank, dim split over tp (per-head tensors: q,
+the attention's output), kv_dim, ffn, heads, dim * head_dim / CHUNK, constant)."""
+ACTIVATIONS: dict[tuple[str, str], LayerCoefficients] = {
+    ("S", "none"): (6.125, 4, 3, 4, 0, 0, 10),
+    ("S", "selective"): (6, 2, 2, 4, 0, 0, 2),
+    ("L", "none"): (6, 11.875, 0, 4, 198, 1, 18),
+    ("L", "selective"): (6, 5, 0, 4, 1, 0, 2),
+    ("D", "none"): (6, 30.9, 0, 4, 460, 1, 18),
+    ("D", "selective"): (6, 5, 0, 4, 0, 0, 18),
+}
+FULL_KEPT_STREAMS = 2
+"""activation_checkpointing=full keeps each block's two inputs, two [b, s, dim] tensors."""
+OUTSIDE_DIM = 4.5625
+"""Elements per token and dim outside the layers (embedding output, final norm, the loss's input)."""
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """Bytes one rank holds at its peak, by term (`largest` names the biggest)."""
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: dict[str, int]
+    """by layer kind: "softmax", "linear", "delta"; and "recompute" (full checkpointing's layer)"""
+    loss: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                **{f"activations_{kind}": b for kind, b in self.activations.items()}, "loss": self.loss}
+
+    @property
+    def total(self) -> int:
+        return sum(self.as_dict().values())
+
+    @property
+    def largest(self) -> str:
+        terms = self.as_dict()
+        return max(terms, key=terms.get)
+
+
+KIND_NAMES = {"S": "softmax", "L": "linear", "D": "delta"}
+
+
+def layer_elements_per_token(args: LlamaArgs, kind: str, mode: str, tp: int) -> float:
+    """Activation elements one layer of `kind` keeps per token of this rank's part under `mode`."""
+    if mode == "full":
+        return FULL_KEPT_STREAMS * args.dim
+    c_whole, c_split, c_kv, c_ffn, c_heads, c_state, const = ACTIVATIONS[(kind, mode)]
+    kv_dim = args.kv_heads * args.head_dim
+    return (c_whole * args.dim + (c_split * args.dim + c_kv * kv_dim + c_ffn * args.ffn_dim + c_heads * args.n_heads
+                                + c_state * args.dim * args.head_dim / CHUNK) / tp + const)
+
+
+def stage_parts(cfg: RunConfig) -> list[tuple[list[int], bool, bool]]:
+    """Per pipeline stage: (its blocks' layer indices, holds the embedding, holds the head and loss)."""
+    from ithaca.parallel.pipeline import stage_blocks
+
+    p = cfg.parallel
+    counts = [cfg.model.n_layers] if p.pp == 1 else stage_blocks(cfg.model, p.pp, p.pp_split)
+    parts, start = [], 0
+    for stage, count in enumerate(counts):
+        parts.append((list(range(start, start + count)), stage == 0, stage == p.pp - 1))
+        start += count
+    return parts
+
+
+def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
+    """The peak terms of one rank of pipeline stage `stage`."""
+    args, p, t = cfg.model, cfg.parallel, cfg.train
+    layers, first, last = stage_parts(cfg)[stage]
+    sizes = args.part_parameters()
+    params = sum(sizes[1 + i] for i in layers) + (sizes[0] if first else 0) + (sizes[-1] if last else 0)
+    params //= p.tp
+    elem = 2 if t.precision == "bf16" else 4
+    zero_group = p.dp * p.sp
+    weights = params * elem // (zero_group if t.zero_stage == 3 else 1)
+    gradients = params * elem // (zero_group if t.zero_stage >= 2 else 1)
+    states = 8 + (8 if t.precision == "bf16" else 0)
+    partitioned = t.zero_stage >= 1 or t.precision == "bf16"
+    optimizer = params * states // (zero_group if partitioned else 1)
+
+    tokens = t.micro_batch * cfg.data.seq_len // p.sp  # this rank's part of one micro-batch
+    in_flight = p.pp - stage
+    mode = args.activation_checkpointing
+    activations: dict[str, int] = {}
+    for i in layers:
+        kind = args.mixer(i)
+        per_token = layer_elements_per_token(args, kind, mode, p.tp)
+        if kind == "S" and p.sp_method == "allgather" and p.sp > 1 and mode != "full":
+            per_token += 2 * args.kv_heads * args.head_dim / p.tp * (p.sp - 1)  # the whole sequence's K, V
+        name = KIND_NAMES[kind]
+        activations[name] = activations.get(name, 0) + int(per_token * tokens * elem * in_flight)
+    if mode == "full":  # the backward recomputes one layer at a time, keeping what `none` keeps for it
+        activations["recompute"] = int(max(layer_elements_per_token(args, args.mixer(i), "none", p.tp)
+                                           for i in layers) * tokens * elem)
+    loss = 0
+    if last:
+        vocab_block = min(args.vocab_size // p.tp, LOSS_VOCAB_CHUNK)
+        loss = int((OUTSIDE_DIM * args.dim + 2 * vocab_block) * tokens * elem) + LOSS_FIXED_BYTES
+    elif first:
+        loss = args.dim * tokens * elem * in_flight  # the embedding's output, kept for each micro-batch
+    return MemoryTerms(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, loss=loss)
+
+
+def peak_memory(cfg: RunConfig) -> MemoryTerms:
+    """The terms of the rank with the largest peak (pipeline stages differ)."""
+    return max((stage_memory(cfg, stage) for stage in range(cfg.parallel.pp)), key=lambda m: m.total)
