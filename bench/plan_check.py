@@ -66,12 +66,21 @@ def predicted_step_bytes(overrides: list[str]) -> int:
     return sum(terms.activations.values()) + terms.loss
 
 
+def predicted_sp_bytes(overrides: list[str]) -> int:
+    """The plan's sequence-parallel bytes the busiest rank sends in one forward + backward."""
+    from ithaca.launcher.plan.traffic import step_traffic
+
+    traffic = step_traffic(case_config(overrides), gpus_per_node=8)
+    return sum(c.bytes for name, c in traffic.items() if name.startswith("sp_"))
+
+
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
+    from ithaca.bench.comm_counter import count_bytes_sent
     from ithaca.bench.peak_memory import peak_bytes
     from ithaca.data.batch import Batch
     from ithaca.data.packing import document_positions, document_starts
@@ -96,25 +105,29 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
         model(batch).backward(upstream)
 
     step()  # warm-up: first calls build lazily cached tables
-    peak = torch.tensor([peak_bytes(step, "cpu")])
+    with count_bytes_sent() as counter:
+        peak = torch.tensor([peak_bytes(step, "cpu"), 0])
+    # the sp group's sends only (tp's all-reduces are not counted: bench/comm_counter.py patches all-to-all,
+    # point-to-point, all-gather and reduce-scatter)
+    peak[1] = counter.bytes_sent
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         with open(out, "w") as f:
-            f.write(str(int(peak.item())))
+            f.write(f"{int(peak[0])} {int(peak[1])}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measured_step_bytes(overrides: list[str]) -> int:
-    """The largest peak over the case's ranks of live tensor bytes in one forward + backward."""
+def measure(overrides: list[str]) -> tuple[int, int]:
+    """The largest over the case's ranks of (peak live tensor bytes, bytes sent) in one forward + backward."""
     cfg = case_config(overrides)
     world = cfg.parallel.tp * cfg.parallel.sp
     out = f"/tmp/bench_plan_check_{os.getpid()}.txt"
     mp.start_processes(_worker, args=(world, free_port(), overrides, out), nprocs=world, start_method="spawn")
     with open(out) as f:
-        peak = int(f.read())
+        peak, sent = (int(word) for word in f.read().split())
     os.remove(out)
-    return peak
+    return peak, sent
 
 
 def main() -> None:
@@ -122,13 +135,14 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME")
     args = parser.parse_args()
     print(bench_header("plan_check", "cpu", f"fp32, one packed row, documents of {DOC} tokens, forward + backward"))
-    print("| case | ranks | predicted MiB | measured MiB (max over ranks) | predicted/measured |")
-    print("|---|---|---|---|---|")
+    print("| case | ranks | predicted MiB | measured MiB (max over ranks) | predicted/measured | sp bytes predicted "
+          "| sp bytes counted (max over ranks) |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.cases:
         cfg = case_config(CASES[name])
-        predicted, measured = predicted_step_bytes(CASES[name]), measured_step_bytes(CASES[name])
+        predicted, (measured, sent) = predicted_step_bytes(CASES[name]), measure(CASES[name])
         print(f"| {name} | {cfg.parallel.tp * cfg.parallel.sp} | {predicted / 2**20:.1f} | {measured / 2**20:.1f} | "
-              f"{predicted / measured:.3f} |", flush=True)
+              f"{predicted / measured:.3f} | {predicted_sp_bytes(CASES[name])} | {sent} |", flush=True)
 
 
 if __name__ == "__main__":
