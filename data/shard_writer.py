@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Journal:
         keep = {JOURNAL, *(s.name for s in journal.shards)}
         for path in folder.iterdir():
             if path.name not in keep:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()  # a folder: a holdout started before
         return journal
 
     @classmethod
