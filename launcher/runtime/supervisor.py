@@ -10,6 +10,10 @@ which decides what every process does:
 loader workers whose rank died become its children: once torchrun has exited, what is left gets
 `grace` seconds to finish (ranks orphaned by a killed torchrun are checkpointing: their
 parent-death signal asked them to stop) and is then killed. torchrun itself dies with us.
+
+A rank the kernel's out-of-memory killer ends shows in torchrun's report as killed by SIGKILL; when
+the run fails and this process's memory cgroup counted OOM kills meanwhile (cgroup v2 memory.events,
+v1 memory.oom_control: `oom_kill`), one more line says so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -67,10 +72,42 @@ def kill_descendants() -> None:
     psutil.wait_procs(left, timeout=10)
 
 
+def oom_kills(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Processes of this process's memory cgroup the OOM killer has killed so far; None where neither
+    cgroup v2's memory.events nor v1's memory.oom_control can be read."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            counters = root / "memory" / path.lstrip("/") / "memory.oom_control"
+        elif controllers == "":
+            counters = root / path.lstrip("/") / "memory.events"
+        else:
+            continue
+        try:
+            fields = dict(row.split() for row in counters.read_text().splitlines() if row.strip())
+        except (OSError, ValueError):
+            continue
+        if "oom_kill" in fields:
+            return int(fields["oom_kill"])
+    return None
+
+
+def report_oom_kills(before: int | None, after: int | None) -> None:
+    if before is not None and after is not None and after > before:
+        print(f"ithaca: the kernel's out-of-memory killer killed {after - before} process(es) of this run while it "
+              "ran: a rank reported killed by SIGKILL ran out of memory; `ithaca plan --config ...` predicts each "
+              "rank's peak and the layouts that fit", file=sys.stderr)
+
+
 def run_owned(cmd: list[str], env: dict[str, str], *, grace: float) -> int:
     """Run `cmd` (torchrun) and every process it starts to the end; returns its exit code, or
     128 + the signal number when a stop signal ended the run."""
     become_subreaper()
+    oom_before = oom_kills()
     torchrun = subprocess.Popen(cmd, env=env, start_new_session=True)
     owner = _Owner(torchrun)
     previous = {s: signal.signal(s, owner.handle) for s in STOP_SIGNALS}
@@ -80,6 +117,8 @@ def run_owned(cmd: list[str], env: dict[str, str], *, grace: float) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code != 0:
+        report_oom_kills(oom_before, oom_kills())
     if owner.first is not None:
         return 128 + int(owner.first)
     if code < 0:  # killed from outside: its ranks got their parent-death signal (and were waited for above)

@@ -1,6 +1,7 @@
 """Memory and speed of a training step, for its log line and MLflow: peak memory and MFU.
 
-Peak memory is this process's high-water mark since the previous read, which resets it:
+Peak memory is the largest over the run's ranks (pipeline stages differ) of each process's high-water
+mark since the previous read, which resets it:
 - CUDA: the caching allocator's peak of bytes held by tensors (`torch.cuda.max_memory_allocated`);
   memory it reserved but did not hand out, and NCCL or cuBLAS workspaces, are not in it.
 - CPU: the process's peak resident set size (getrusage's ru_maxrss), which also holds the
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ithaca.log import get_logger, warn_once
 from ithaca.models.llama_args import LlamaArgs
@@ -88,9 +90,20 @@ def read_peak_memory(device: torch.device) -> int:
     return peak
 
 
+def largest_over_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` any rank of the default process group holds (a collective: every rank calls
+    it); `value` itself without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    largest = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return int(largest.item())
+
+
 class StepMeter:
-    """Built once per run, read after each step on every rank (each read resets the peak): rank 0's
-    figures go to the step line and MLflow. Says once what it measures and whether MFU is reported."""
+    """Built once per run, read after each step on every rank (each read resets the peak and takes the
+    largest over ranks): rank 0's figures go to the step line and MLflow. Says once what it measures
+    and whether MFU is reported."""
 
     def __init__(self, args: LlamaArgs, seq_len: int, device: torch.device, world_size: int,
                  peak_tflops: float | None):
@@ -102,12 +115,12 @@ class StepMeter:
         speed = (f"mfu against {self.peak_flops / 1e12:g} TFLOP/s x {world_size} devices"
                  if self.peak_flops is not None
                  else f"mfu not reported: no peak FLOP/s known for {where}; set train.peak_tflops to report it")
-        log.info(f"step metrics: peak_mem_gib = rank 0's {memory} in each step (step 1's includes the set-up); "
-                 f"{speed}")
+        log.info(f"step metrics: peak_mem_gib = the largest over ranks of each one's {memory} in each step "
+                 f"(step 1's includes the set-up); {speed}")
 
     def read(self, tokens: int, seconds: float) -> dict[str, float]:
         """{"peak_mem_gib", and "mfu" where a peak is known} for a step of `tokens` (all ranks') in `seconds`."""
-        metrics = {"peak_mem_gib": read_peak_memory(self.device) / 2**30}
+        metrics = {"peak_mem_gib": largest_over_ranks(read_peak_memory(self.device), self.device) / 2**30}
         if self.peak_flops is not None:
             metrics["mfu"] = mfu(self.flops_per_token, tokens / seconds, self.world_size * self.peak_flops)
         return metrics

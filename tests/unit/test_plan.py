@@ -92,3 +92,19 @@ def test_train_refuses_a_config_that_will_not_fit_naming_the_largest_term(tmp_pa
                                           r"\(24 GiB RAM shared by 8 ranks\); largest term activations_softmax"):
         check_memory(cfg, 8, device_name=str(machine))
     check_memory(load_config("debug-cpu", ["data.path=unused"]), 2, device_name=str(machine))  # fits: no error
+
+
+@pytest.mark.parametrize("cgroup, counters, name", [
+    ("0::/job\n", "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n", "job/memory.events"),  # cgroup v2
+    ("4:memory:/job\n3:cpuset:/\n", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n", "memory/job/memory.oom_control"),
+])
+def test_oom_kills_are_read_from_the_memory_cgroup(tmp_path, capsys, cgroup, counters, name):
+    from ithaca.launcher.runtime.supervisor import oom_kills, report_oom_kills
+
+    (tmp_path / "cgroup").write_text(cgroup)
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_text(counters)
+    assert oom_kills(tmp_path / "cgroup", tmp_path) == 2
+    report_oom_kills(1, 2)
+    assert "out-of-memory killer killed 1 process(es)" in capsys.readouterr().err
+    assert oom_kills(tmp_path / "missing", tmp_path) is None
