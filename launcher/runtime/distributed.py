@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from ithaca.launcher.runtime.network_interface import choose_interface
 from ithaca.parallel.megatron_bridge import initialize_megatron
 from ithaca.parallel.mesh import ParallelMesh, build_mesh
 from ithaca.parallel.sequence_layout import SequenceLayout
@@ -60,7 +61,8 @@ def init_distributed(*, dp: int, pp: int, tp: int, sequence: SequenceLayout = Se
     `collective_timeout` (seconds) bounds every collective of every group the run creates: a
     rank that died or hangs makes the others fail instead of wait forever. torch gives groups
     made without an explicit timeout (the mesh's, megatron-core's, DeepSpeed's) its module
-    default, so that default is set too, before any group exists.
+    default, so that default is set too, before any group exists. The network interface the
+    backend binds to is chosen first (launcher/runtime/network_interface.py).
     """
     if collective_timeout is not None:
         timeout = timedelta(seconds=collective_timeout)
@@ -72,8 +74,9 @@ def init_distributed(*, dp: int, pp: int, tp: int, sequence: SequenceLayout = Se
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=None if collective_timeout is None else timeout,
-                                **_attempt_store())
+        store = _attempt_store()
+        choose_interface(backend, store.get("store"))
+        dist.init_process_group(backend, timeout=None if collective_timeout is None else timeout, **store)
     mesh = build_mesh(dp=dp, pp=pp, tp=tp, device_type=device.type, sequence=sequence)
     initialize_megatron(mesh)
     return Distributed(mesh=mesh, device=device)
