@@ -1,13 +1,115 @@
-"""`ithaca eval`: not written yet (issue in progress)."""
+"""`ithaca eval`: held-out loss and loss by position of a checkpoint (any layout) or a Hugging Face
+Llama, under the config's layout, on the same eval batches as the evals during training.
+
+Without torchrun it checks what it can before any process starts (the config, the checkpoint
+folder, the HF folder's shape, the eval data, a new output folder), then runs itself under
+torchrun on --nproc processes; each rank then evaluates (launcher/eval/saved.py), and rank 0
+prints the eval line and the table and writes eval.json and the PNG into --output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from ithaca.launcher.config.schema import ConfigError, RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    pass
+    parser = sub.add_parser("eval", help="evaluate a checkpoint or a Hugging Face Llama on held-out data: "
+                                         "eval loss and loss by position")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                        help="a step_N checkpoint folder (any layout: it is resharded to the config's), or a "
+                             "checkpoints folder (the one `latest` names)")
+    source.add_argument("--hf", type=Path, metavar="DIR", help="a Hugging Face Llama folder (config.json, safetensors)")
+    parser.add_argument("--output", required=True, type=Path, metavar="DIR",
+                        help="a new folder for eval.json and loss_by_position.png (never overwritten)")
+    parser.add_argument("--config", help="a YAML path or shipped config name (default with --checkpoint: the run's "
+                                         "config.yaml two folders above the checkpoint)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set eval.batches=8")
+    parser.add_argument("--nproc", type=int, help="processes to start with torchrun (default: dp*tp*pp*sp); "
+                                                  "not used when already under torchrun")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.runtime.distributed import launched_by_torchrun
+
+    checkpoint = None if args.checkpoint is None else _checkpoint_folder(args.checkpoint)
+    config = args.config or (None if checkpoint is None else str(checkpoint.parent.parent / "config.yaml"))
+    if config is None:
+        raise ConfigError("--config", None, "give the config of the model in --hf (its model section, data and eval)")
+    overrides = [*args.overrides, *([] if args.hf is None else [f"model.init_from={args.hf}"])]
+    cfg = load_config(config, overrides)
+    if not launched_by_torchrun():
+        nproc = args.nproc or cfg.parallel.world_size
+        cfg.check_world(nproc)
+        _check_inputs(cfg, args, checkpoint)
+        return _start_ranks(cfg, nproc, _rank_argv(args, config))
+    from ithaca.launcher.eval.report import format_table
+    from ithaca.launcher.eval.saved import evaluate_saved
+
+    source = str(checkpoint) if checkpoint is not None else f"hf:{args.hf}"
+    record, totals, seconds = evaluate_saved(cfg, checkpoint=checkpoint, source=source, output=args.output)
+    if int(os.environ["RANK"]) == 0:
+        step = "" if record["step"] is None else f" step={record['step']}"
+        print(f"eval{step} eval_loss={totals.loss:.4f} eval_ppl={totals.ppl:.2f} eval_s={seconds:.2f} "
+              f"tokens={totals.tokens}", flush=True)
+        print(format_table(record), flush=True)
+        print(f"wrote {args.output}/eval.json and loss_by_position.png", flush=True)
+    return 0
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A step folder as given, or the one a checkpoints folder's `latest` names. Raises ValueError."""
+    from ithaca.launcher.checkpoint.format import LATEST
+    from ithaca.launcher.checkpoint.store import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path, LATEST) if (path / LATEST).is_file() else resolve_checkpoint(path.parent, str(path))
+    except ValueError:
+        raise ValueError(f"--checkpoint={str(path)!r}: not a finished checkpoint folder (step_NNNNNNNN with "
+                         "manifest.json) nor a checkpoints folder with `latest`") from None
+
+
+def _check_inputs(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | None) -> None:
+    """What can be refused before any process starts, each in one line (the checkpoint's files are
+    checked against its manifest by the ranks, before anything is loaded)."""
+    from ithaca.data.shards import read_manifest
+    from ithaca.launcher.eval.batches import eval_folder, eval_windows
+
+    if args.output.exists():
+        raise ValueError(f"--output={str(args.output)!r}: exists; choose a new folder")
+    if args.hf is not None:
+        from ithaca.models.hf_llama import check_hf_config
+
+        config_file = args.hf / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"--hf={str(args.hf)!r}: no config.json there; give a Hugging Face model folder")
+        check_hf_config(json.loads(config_file.read_text()), cfg.model, str(config_file))
+    folder = eval_folder(cfg)
+    eval_windows(folder, read_manifest(folder), cfg.eval_seq_len, cfg.eval.batches * cfg.train.global_batch)
+
+
+def _rank_argv(args: argparse.Namespace, config: str) -> list[str]:
+    source = ["--checkpoint", str(args.checkpoint)] if args.checkpoint is not None else ["--hf", str(args.hf)]
+    return ["eval", *source, "--output", str(args.output), "--config", config,
+            *(item for o in args.overrides for item in ("--set", o))]
+
+
+def _start_ranks(cfg: RunConfig, nproc: int, argv: list[str]) -> int:
+    """This command under torchrun on this machine, owning its processes (launcher/runtime/supervisor.py)."""
+    from ithaca.launcher.runtime.supervisor import run_owned
+
+    cmd = [sys.executable, "-m", "ithaca.launcher.runtime.torchrun_main", "--parent-pid", str(os.getpid()), "--",
+           "--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0",
+           f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}", "-m", "ithaca", *argv]
+    # PYTHONSAFEPATH: as `ithaca train`'s ranks, so a checkout's folders do not shadow installed packages
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
+    return run_owned(cmd, env, grace=cfg.train.step_timeout)
