@@ -38,9 +38,10 @@ OnError = Literal["raise", "skip"]
 
 @dataclass(frozen=True)
 class Source:
-    """A shard folder written by `ithaca prep` and its share of the windows in a mixture."""
+    """A shard folder written by `ithaca prep` (local, or remote: data/remote.py) and its share of the
+    windows in a mixture."""
 
-    path: Path
+    path: Path | str
     weight: float = 1.0
 
 

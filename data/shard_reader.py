@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ithaca.data.remote import file_address, is_remote, read_remote
 from ithaca.data.shards import ShardInfo
 
 
@@ -20,17 +21,23 @@ class ShardError(ValueError):
     """A shard that cannot be used; the message names the file and what is wrong with it."""
 
 
-def _error(path: Path, problem: str) -> ShardError:
+def _error(path: Path | str, problem: str) -> ShardError:
     return ShardError(f"shard {path}: {problem}")
 
 
-def read_shard(folder: Path, info: ShardInfo) -> list[np.ndarray]:
-    """The shard's documents (token ids) in stored order; raises ShardError if it is not the manifest's."""
-    path = Path(folder) / info.name
+def read_shard(folder: Path | str, info: ShardInfo) -> list[np.ndarray]:
+    """The shard's documents (token ids) in stored order; raises ShardError if it is not the manifest's.
+    `folder` may be remote (data/remote.py): a read that fails after its retries is a ShardError too."""
+    remote = is_remote(folder)
+    path = file_address(folder, info.name) if remote else Path(folder) / info.name
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        raw = read_remote(folder, info.name) if remote else path.read_bytes()
+    except FileNotFoundError:  # remote.NotFound too
         raise _error(path, "missing; restore it or re-run `ithaca prep`, or set data.on_error: skip") from None
+    except OSError as err:
+        if not remote:
+            raise
+        raise _error(path, f"could not be read ({err}); check the server, or set data.on_error: skip") from None
     if hashlib.sha256(raw).hexdigest() != info.sha256:
         raise _error(path, f"corrupt or truncated ({len(raw)} bytes; sha256 differs from the manifest's); "
                            "restore it or re-run `ithaca prep`, or set data.on_error: skip")

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ithaca.data.remote import is_remote, location_text, read_remote
+
 MANIFEST = "manifest.json"
 FORMAT = "ithaca-shards/1"
 
@@ -46,16 +48,12 @@ class Manifest:
 
 
 def read_manifest(folder: str | Path) -> Manifest:
-    """Read and check a shard folder's manifest (not its shards); raises ValueError naming what is wrong."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise ValueError(f"data.path={str(folder)!r}: no such folder; write shards with `ithaca prep --output {folder}`")
-    if not path.is_file():
-        raise ValueError(f"data.path={str(folder)!r}: no {MANIFEST} (empty or unfinished); "
-                         f"write shards with `ithaca prep --output {folder}`")
+    """Read and check a shard folder's manifest (not its shards); raises ValueError naming what is wrong.
+    `folder` may be remote (data/remote.py): the manifest is read from the same place."""
+    text = _remote_manifest_text(folder) if is_remote(folder) else _local_manifest_text(Path(folder))
+    folder = location_text(folder) if is_remote(folder) else Path(folder)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         manifest = Manifest(tokenizer=raw["tokenizer"], shards=[ShardInfo(**s) for s in raw["shards"]],
                             holdout=raw.get("holdout"))
         if raw.get("format") != FORMAT:
@@ -68,6 +66,26 @@ def read_manifest(folder: str | Path) -> Manifest:
     return manifest
 
 
+def _local_manifest_text(folder: Path) -> str:
+    if not folder.is_dir():
+        raise ValueError(f"data.path={str(folder)!r}: no such folder; write shards with `ithaca prep --output {folder}`")
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"data.path={str(folder)!r}: no {MANIFEST} (empty or unfinished); "
+                         f"write shards with `ithaca prep --output {folder}`")
+    return (folder / MANIFEST).read_text()
+
+
+def _remote_manifest_text(folder: str | Path) -> str:
+    try:
+        return read_remote(folder, MANIFEST).decode()
+    except OSError as err:  # NotFound included
+        raise ValueError(f"data.path={location_text(folder)!r}: cannot read {MANIFEST} ({err}); check the address, "
+                         f"and that `ithaca prep`'s output folder is served there") from None
+
+
 def missing_shards(folder: str | Path, manifest: Manifest) -> list[str]:
-    """Names of the manifest's shards that are not files in `folder`."""
+    """Names of the manifest's shards that are not files in `folder`; none for a remote folder, whose
+    shards are each read (and a missing one reported) when a data stream reaches it."""
+    if is_remote(folder):
+        return []
     return [s.name for s in manifest.shards if not (Path(folder) / s.name).is_file()]
