@@ -81,10 +81,13 @@ def cross_entropy(n: int, vocab: int, dim: int, impl: str, device: str, dtype: t
 
 
 def model_step_peak(mesh: ParallelMesh, pattern: str, n_layers: int, mode: str, s: int, dim: int,
-                    device: str, dtype: torch.dtype) -> int:
+                    device: str, dtype: torch.dtype, *, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                    ffn_dim: int | None = None) -> int:
     """Peak bytes of one forward + backward of a `n_layers` model of `pattern` layers under
-    activation_checkpointing=`mode`: one row of s tokens, documents of DOC tokens."""
-    args = LlamaArgs(vocab_size=320, dim=dim, n_layers=n_layers, n_heads=HEADS, n_kv_heads=KV_HEADS, ffn_dim=3 * dim,
+    activation_checkpointing=`mode`: one row of s tokens, documents of DOC tokens (ffn_dim: 3 dim
+    unless given)."""
+    args = LlamaArgs(vocab_size=320, dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads,
+                     ffn_dim=ffn_dim or 3 * dim,
                      layer_pattern=pattern, linear_decay="gated", activation_checkpointing=mode)
     model = parallelize_llama(args, mesh, dtype=dtype).to(device)
     for p in model.parameters():  # allocated before the call: the backward adds into them in place

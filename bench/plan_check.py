@@ -11,13 +11,19 @@ step allocates beyond the weights and gradients.
 Not covered here: pipeline stages and ZeRO (the plan's model-state terms are counted from the
 architecture, not measured), and the GPU (bf16, other kernels).
 
-Run:  python -m ithaca.bench.plan_check            (CPU, about N minutes on 2 cores)
+`--calibrate` prints the measurements the plan's activation coefficients were fit to: per layer
+kind and checkpointing mode, one layer's elements per token (peak of 3 layers - peak of 2) and
+what lies outside the layers (peak of 2 - 2 layers), at several widths, head counts and ffn sizes.
+
+Run:  python -m ithaca.bench.plan_check                 (CPU: about 15 minutes on 2 quiet cores)
       python -m ithaca.bench.plan_check --cases NAME ...
+      python -m ithaca.bench.plan_check --calibrate     (one process, about 10 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import torch
@@ -68,10 +74,10 @@ def predicted_step_bytes(overrides: list[str]) -> int:
 
 def predicted_sp_bytes(overrides: list[str]) -> int:
     """The plan's sequence-parallel bytes the busiest rank sends in one forward + backward."""
-    from ithaca.launcher.plan.traffic import step_traffic
+    from ithaca.launcher.plan.traffic import sp_bytes_by_rank
 
-    traffic = step_traffic(case_config(overrides), gpus_per_node=8)
-    return sum(c.bytes for name, c in traffic.items() if name.startswith("sp_"))
+    by_rank = sp_bytes_by_rank(case_config(overrides)).values()
+    return max(map(sum, zip(*by_rank)), default=0)
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
@@ -130,10 +136,36 @@ def measure(overrides: list[str]) -> tuple[int, int]:
     return peak, sent
 
 
+CALIBRATION_SHAPES = [  # (dim, ffn, heads, kv heads, tokens)
+    (256, 768, 8, 2, 1024), (256, 1536, 8, 2, 1024), (512, 768, 8, 2, 1024), (256, 768, 8, 8, 1024),
+    (256, 768, 4, 4, 1024), (256, 768, 16, 4, 1024), (256, 768, 8, 2, 2048)]
+
+
+def calibrate() -> None:
+    from ithaca.bench.memory import model_step_peak
+    from ithaca.bench.train_setup import init_single_process
+
+    mesh = init_single_process()
+    print("| kind | mode | dim | ffn | heads | kv heads | tokens | layer elements/token | outside elements/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, mode, (dim, ffn, heads, kv, s) in itertools.product("SLD", ("none", "selective", "full"),
+                                                                   CALIBRATION_SHAPES):
+        two, three = (model_step_peak(mesh, kind, n, mode, s, dim, "cpu", torch.float32, heads=heads, kv_heads=kv,
+                                      ffn_dim=ffn) for n in (2, 3))
+        layer = (three - two) / (s * 4)
+        print(f"| {kind} | {mode} | {dim} | {ffn} | {heads} | {kv} | {s} | {layer:.1f} | "
+              f"{two / (s * 4) - 2 * layer:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME")
+    parser.add_argument("--calibrate", action="store_true", help="print the per-layer measurements instead")
     args = parser.parse_args()
+    if args.calibrate:
+        print(bench_header("plan_check --calibrate", "cpu", f"fp32, one packed row, documents of {DOC} tokens"))
+        calibrate()
+        return
     print(bench_header("plan_check", "cpu", f"fp32, one packed row, documents of {DOC} tokens, forward + backward"))
     print("| case | ranks | predicted MiB | measured MiB (max over ranks) | predicted/measured | sp bytes predicted "
           "| sp bytes counted (max over ranks) |")

@@ -10,21 +10,22 @@ stage and tp shard; ZeRO partitions over the dp x sp ranks, DeepSpeed's data axi
                    optimizer partitions them too)
 
 Activations, per layer and token of the rank's part (s = seq_len / sp tokens, micro_batch rows),
-in elements of the compute dtype, fit to bench/plan_check.py's live-tensor measurements of one
-process (a whole model's forward + backward, 2 and 3 layers, kinds x modes x shapes; every
-coefficient's data is in bench/RESULTS.md):
+in elements of the compute dtype, fit to live-tensor measurements of one process in fp32
+(`python -m ithaca.bench.plan_check --calibrate`: a whole model's forward + backward with 2 and 3
+layers, per kind and mode, at several widths, head counts and ffn sizes; data in bench/RESULTS.md):
 
     S none        10.125 dim + 3 kv_dim + 4 ffn + 10      selective  8 dim + 2 kv_dim + 4 ffn + 2
     L none        17.875 dim + 4 ffn + 198 h + dim d/64 + 18   selective  11 dim + 4 ffn + h + 2
     D none        36.9 dim + 4 ffn + 460 h + dim d/64 + 18     selective  11 dim + 4 ffn + 18
     full          2 dim per layer kept (the block's two inputs) and, in the backward, one layer
                   recomputed with everything `none` keeps
+    selective     in the backward, a D layer's recomputed interior: 0.6 of (none - selective)
 
 (dim d/64: the chunked kernels' d x d state per 64-token chunk and head; 198 h and 460 h: their
 within-chunk [64 x 64] matrices and gates.) A tp rank holds the ffn, kv and head terms / tp and
-the dim terms whole, except the per-head share of them (measured at tp2 for S none: 4 of
-its 10.125 dim; the other kinds' split is assumed: all but 6 dim). The allgather softmax method adds the gathered K and V of the whole sequence
-to each softmax layer. A pipeline's first stage holds pp micro-batches at once (1F1B), stage k
+the dim terms whole, except their per-head share (measured at tp2 for S none: 4 of its 10.125
+dim; for the other kinds assumed: all but 6 dim). The allgather softmax method adds the gathered
+K and V of the whole sequence to each softmax layer. A pipeline's first stage holds pp micro-batches at once (1F1B), stage k
 pp - k.
 
 Outside the layers (embedding, final norm, the chunked loss): 4.5625 dim + 2 min(V/tp, 4096)
@@ -39,8 +40,8 @@ from dataclasses import dataclass
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.models.llama_args import LlamaArgs
 
-LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK = 2048, 4096
-"""kernels/linear_cross_entropy/chunked.py's block (read here as numbers: that module imports torch)."""
+LOSS_VOCAB_CHUNK = 4096
+"""kernels/linear_cross_entropy/chunked.py's VOCAB_CHUNK (a number here: that module imports torch)."""
 LOSS_FIXED_BYTES = 1_114_112
 CHUNK = 64
 """The chunked linear-attention and delta-rule kernels' chunk length."""
@@ -56,6 +57,10 @@ ACTIVATIONS: dict[tuple[str, str], LayerCoefficients] = {
     ("D", "none"): (6, 30.9, 0, 4, 460, 1, 18),
     ("D", "selective"): (6, 5, 0, 4, 0, 0, 18),
 }
+SELECTIVE_RECOMPUTE_SHARE = {"S": 0.0, "L": 0.0, "D": 0.6}
+"""Under selective checkpointing, the backward recomputes one mixer's interior at a time; this share
+of what `none` keeps beyond `selective` is live at once at the peak (measured: S and L none; D
+0.58-0.82 of it over three shapes at 1K tokens, 0.53 at 2K)."""
 FULL_KEPT_STREAMS = 2
 """activation_checkpointing=full keeps each block's two inputs, two [b, s, dim] tensors."""
 OUTSIDE_DIM = 4.5625
@@ -141,6 +146,12 @@ def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
     if mode == "full":  # the backward recomputes one layer at a time, keeping what `none` keeps for it
         activations["recompute"] = int(max(layer_elements_per_token(args, args.mixer(i), "none", p.tp)
                                            for i in layers) * tokens * elem)
+    elif mode == "selective":
+        interior = max(SELECTIVE_RECOMPUTE_SHARE[k] * (layer_elements_per_token(args, k, "none", p.tp)
+                                                       - layer_elements_per_token(args, k, "selective", p.tp))
+                       for k in {args.mixer(i) for i in layers})
+        if interior > 0:
+            activations["recompute"] = int(interior * tokens * elem)
     loss = 0
     if last:
         vocab_block = min(args.vocab_size // p.tp, LOSS_VOCAB_CHUNK)
