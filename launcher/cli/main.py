@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    submit.add_argument("--device", metavar="NAME|FILE",
+                        help="the nodes' GPU for the memory check (`ithaca plan --device`; default h100, or with "
+                             "--gpus-per-node 0 this machine's CPU row)")
+    submit.add_argument("--force", action="store_true",
+                        help="submit even when the plan predicts a peak above each rank's memory")
     from ithaca.launcher.cli import eval_command, plan_command  # light: heavy imports are inside their run()
 
     eval_command.add_parser(sub)
@@ -251,7 +256,7 @@ def _run_check(cfg: RunConfig, config: str, overrides: list[str], nproc: int | N
 
 def _submit(args: argparse.Namespace) -> int:
     from ithaca.launcher.config.load import load_config, resolve_config_path
-    from ithaca.launcher.config.preflight import preflight
+    from ithaca.launcher.config.preflight import check_memory, preflight
     from ithaca.launcher.cli.submit import SlurmJob, render, submit
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
@@ -260,6 +265,10 @@ def _submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     script = render(cfg, job, f"ithaca-{resolve_config_path(args.config).stem}")
     preflight(cfg, cfg.parallel.world_size)
+    if not args.force:
+        world = cfg.parallel.world_size
+        check_memory(cfg, world, gpus_per_node=args.gpus_per_node or -(-world // args.nodes),
+                     device_name=args.device or ("h100" if args.gpus_per_node else "cpu"))
     if args.dry_run:
         print(script, end="")
         return 0

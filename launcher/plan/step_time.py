@@ -5,11 +5,12 @@
                 share 4 L H Q T) / gpus / (bf16 peak x efficiency), times the pipeline's bubble
                 (m + pp - 1) / m for m micro-batches
     a message = latency + bytes / link bandwidth (intra- or inter-node, launcher/plan/traffic.py)
-    exposed   = what no compute hides: the ring's block exchange and the scan's state passing run
-                during the layer's own attention or state work (their receives are posted first),
-                so only what exceeds that work's share of compute shows; Ulysses' all-to-alls, the
-                K/V and state all-gathers, tp's all-reduces, pipeline sends and DeepSpeed's
-                gradient reduction (overlap_comm off, its default below ZeRO-3) are all exposed.
+    exposed   = what no compute hides: the ring's block exchange runs during the blocks' attention,
+                so only what exceeds the attention's share of compute shows; Ulysses' all-to-alls,
+                the K/V and state all-gathers, the scan (linear and delta-rule state work is not in
+                the FLOP count, so nothing is credited to hide it), tp's all-reduces, pipeline sends
+                and DeepSpeed's gradient reduction (overlap_comm off, its default below ZeRO-3) are
+                all exposed. Latency counts messages per layer of the stage, every layer alike.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def step_time(cfg, traffic: dict[str, Collective], device: Device, gpus: int) ->
     rate = device.bf16_tflops * 1e12 * device.efficiency
     micro, pp = cfg.grad_accum_steps, cfg.parallel.pp
     compute = (useful + recompute) * tokens / gpus / rate * (micro + pp - 1) / micro
-    mixer_compute = attention * tokens / gpus / rate  # the share the ring and the scan hide behind
+    mixer_compute = attention * tokens / gpus / rate  # the share the ring hides behind
     exposed = hidden = 0.0
     for collective in traffic.values():
         bandwidth = (device.inter_node_gbps if collective.inter_node else device.intra_node_gbps) * 1e9
