@@ -72,7 +72,9 @@ def _checkpoint_folder(path: Path) -> Path:
     from ithaca.launcher.checkpoint.store import resolve_checkpoint
 
     try:
-        return resolve_checkpoint(path, LATEST) if (path / LATEST).is_file() else resolve_checkpoint(path.parent, str(path))
+        if (path / LATEST).is_file():
+            return resolve_checkpoint(path, LATEST)
+        return resolve_checkpoint(path.parent, str(path))
     except ValueError:
         raise ValueError(f"--checkpoint={str(path)!r}: not a finished checkpoint folder (step_NNNNNNNN with "
                          "manifest.json) nor a checkpoints folder with `latest`") from None

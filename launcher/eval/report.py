@@ -15,10 +15,11 @@ PLOT = "loss_by_position.png"
 
 def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path, batches: int) -> dict:
     """eval.json's content: what was evaluated, on what, and its losses (per position bucket too)."""
+    buckets = zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)
     return {"source": source, "step": step, "eval_data": str(folder), "seq_len": totals.seq_len,
             "batches": batches, "tokens": totals.tokens, "eval_loss": totals.loss, "eval_ppl": totals.ppl,
             "loss_by_position": [{"first": lo, "last": hi, "tokens": n, "loss": s / n if n else None}
-                                 for (lo, hi), s, n in zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)]}
+                                 for (lo, hi), s, n in buckets]}
 
 
 def write_report(record: dict, totals: EvalTotals, folder: Path) -> None:

@@ -129,7 +129,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None) -> list[StepRecor
         loader = build_loader(cfg, run.mesh, loader_states)
         tracker = Tracker(cfg, run.config_yaml, run_key) if run.rank == 0 else None
         guard = NonFiniteGuard(cfg, run.engine, dist.group.WORLD, run.device)  # after a resume: it reads skipped_steps
-        evaluator = TrainingEval(cfg, run.engine, run.mesh, run.device, run.output, run.rank) if cfg.eval.every else None
+        evaluator = None if cfg.eval.every is None else TrainingEval(cfg, run.engine, run.mesh, run.device,
+                                                                     run.output, run.rank)
         while step < cfg.train.steps:
             step += 1
             watchdog.begin(step)

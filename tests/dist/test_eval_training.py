@@ -44,6 +44,8 @@ def test_evals_leave_the_curve_and_resume_keeps_the_eval_batches(layout, short_d
     losses = [e["eval_loss"] for e in evaluated["evals"]]
     assert losses[-1] < losses[0]  # the model learns, so an eval that reads the live weights sees it
     assert (tmp_path / "eval" / "eval" / "loss_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "parallel.pp=2" not in layout:
+        return  # the eval batches do not depend on the layout: one resume case is enough
 
     resumed_out = tmp_path / "resumed"
     (resumed_out / "checkpoints").mkdir(parents=True)

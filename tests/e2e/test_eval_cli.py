@@ -1,8 +1,11 @@
-"""`ithaca train` with evals, then `ithaca eval` of its checkpoint under another layout.
+"""`ithaca train` with evals, then `ithaca eval` of its checkpoint under another layout, and of
+its Hugging Face export.
 
 Training (dp2) evaluates at steps 2 and 4: the eval line, eval/history.jsonl and the PNG; `ithaca
 eval` reshards the step-4 checkpoint to sp2 ring and gets the training run's step-4 eval loss
-(the same batches, the same weights; fp32 reduction order only).
+(the same batches, the same weights; fp32 reduction order only). The checkpoint exported as a
+Hugging Face Llama gives that loss too, evaluated by us (`model.init_from`, one rank) and by
+transformers' LlamaForCausalLM on the same windows, one document at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import pytest
 
 from conftest import failure_text, run_cli
+from harness import run_ranks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -44,3 +48,48 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     assert record["eval_loss"] == pytest.approx(history[1]["eval_loss"], rel=1e-5)
     assert [b["first"] for b in record["loss_by_position"]] == [0, 128]
     assert (report / "loss_by_position.png").read_bytes()[:8] == PNG
+
+    hf = tmp_path / "hf"
+    from ithaca.launcher.checkpoint.export import export_checkpoint
+
+    assert export_checkpoint(out / "checkpoints", hf) == "huggingface"
+    (ours,) = run_ranks(_eval_hf, 1, data, str(hf), str(tmp_path / "hf-eval"))
+    assert ours == pytest.approx(record["eval_loss"], rel=1e-5)
+    assert _transformers_loss(hf, short_doc_shards) == pytest.approx(record["eval_loss"], rel=1e-5)
+
+
+EVAL = ("eval.seq_len=256", "eval.batches=1", "train.global_batch=4")
+
+
+def _eval_hf(data: str, hf: str, out: str) -> float:
+    from pathlib import Path
+
+    from ithaca.launcher.config.load import load_config
+    from ithaca.launcher.eval.saved import evaluate_saved
+
+    cfg = load_config("debug-cpu", [f"data.path={data}", f"eval.path={data}", f"model.init_from={hf}",
+                                    "parallel.dp=1", *EVAL])
+    _, totals, _ = evaluate_saved(cfg, checkpoint=None, source=hf, output=Path(out))
+    return totals.loss
+
+
+def _transformers_loss(hf, data) -> float:
+    import torch
+
+    from ithaca.data.batch import Batch
+    from ithaca.data.shards import read_manifest
+    from ithaca.launcher.eval.batches import eval_windows
+
+    transformers = pytest.importorskip("transformers")  # the test extra
+    model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    manifest = read_manifest(data)
+    batch = Batch.from_window(eval_windows(data, manifest, 256, 4), manifest.tokenizer["eos_id"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(batch.tokens.shape[0]):
+            for doc in batch.doc_ids[row].unique():  # each packed document alone: positions from 0, no other document
+                keep = batch.doc_ids[row] == doc
+                logits = model(batch.tokens[row][keep][None]).logits[0]
+                total += torch.nn.functional.cross_entropy(logits, batch.labels[row][keep], reduction="sum").item()
+                count += int(keep.sum())
+    return total / count
