@@ -1,0 +1,31 @@
+"""The interface gloo binds to (launcher/runtime/network_interface.py); the two-node case, where it
+matters, is tests/e2e/test_multinode.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ithaca.launcher.runtime.network_interface import choose_interface, interface_of, route_source
+
+
+def test_the_interface_is_the_one_routing_to_the_rendezvous_host(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("GROUP_WORLD_SIZE", raising=False)
+    assert route_source("localhost") == "127.0.0.1"
+    choose_interface("gloo", None)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+def test_the_users_interface_variable_wins(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    choose_interface("nccl", None)
+    assert os.environ["NCCL_SOCKET_IFNAME"] == "ib0"
+
+
+def test_an_address_no_interface_holds_is_refused_naming_the_variable():
+    with pytest.raises(ValueError, match="GLOO_SOCKET_IFNAME"):
+        interface_of("192.0.2.1")  # TEST-NET-1: on no interface here
