@@ -10,8 +10,9 @@ these benchmarks compare.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -23,6 +24,9 @@ class _LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.storages: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors on it]
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
 
     def _release(self, address: int) -> None:
         entry = self.storages[address]
@@ -47,6 +51,14 @@ class _LiveTensorBytes(TorchDispatchMode):
             self.storages[address][1] += 1
             weakref.finalize(t, self._release, address)
         return out
+
+
+@contextlib.contextmanager
+def live_tensor_bytes() -> Iterator[_LiveTensorBytes]:
+    """Count live CPU tensor bytes while the block runs: `.live` now, `.peak` since the start or the
+    last `reset_peak()`."""
+    with _LiveTensorBytes() as counter:
+        yield counter
 
 
 def peak_bytes(fn: Callable[[], Any], device: str) -> int:

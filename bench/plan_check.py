@@ -8,14 +8,16 @@ bench/peak_memory.py's live-tensor counter. The largest peak over ranks is set b
 activation and loss terms for the same layout (launcher/plan/memory.py), which hold what the
 step allocates beyond the weights and gradients.
 
-Not covered here: pipeline stages and ZeRO (the plan's model-state terms are counted from the
-architecture, not measured), and the GPU (bf16, other kernels).
+`--steps` also measures whole training steps through DeepSpeed (STEP_CASES: dp2 under ZeRO 0-3, pp2,
+sp2 with ZeRO-2): live tensor bytes counted from before the model is built, their peak over the
+second step, against the plan's whole peak (model states and DeepSpeed's reduce bucket included).
+Not covered: the GPU (bf16, other kernels).
 
 `--calibrate` prints the measurements the plan's activation coefficients were fit to: per layer
 kind and checkpointing mode, one layer's elements per token (peak of 3 layers - peak of 2) and
 what lies outside the layers (peak of 2 - 2 layers), at several widths, head counts and ffn sizes.
 
-Run:  python -m ithaca.bench.plan_check                 (CPU: about 15 minutes on 2 quiet cores)
+Run:  python -m ithaca.bench.plan_check [--steps]       (CPU: about 15 minutes on 2 quiet cores)
       python -m ithaca.bench.plan_check --cases NAME ...
       python -m ithaca.bench.plan_check --calibrate     (one process, about 10 minutes)
 """
@@ -31,6 +33,8 @@ import torch.multiprocessing as mp
 
 from ithaca.bench.header import bench_header
 from ithaca.bench.rendezvous import free_port
+from ithaca.launcher.plan.memory import peak_memory
+from ithaca.launcher.plan.traffic import sp_bytes_by_rank
 
 DOC = 1024
 BASE = ["data.path=unused", "train.global_batch=1", "train.micro_batch=1", "parallel.dp=1", "model.n_heads=8",
@@ -58,6 +62,16 @@ CASES: dict[str, list[str]] = {
 }
 
 
+STEP_BASE = SMALL + ["data.seq_len=2048", "train.global_batch=2"]
+STEP_CASES: dict[str, list[str]] = {  # whole training steps through DeepSpeed, 2 ranks
+    **{f"dp2 ZeRO-{z}": STEP_BASE + ["parallel.dp=2", f"train.zero_stage={z}"] for z in range(4)},
+    "pp2 ZeRO-1": STEP_BASE + ["parallel.pp=2", "train.zero_stage=1"],
+    "sp2 ring ZeRO-2": STEP_BASE + ["parallel.sp=2", "parallel.sp_method=ring", "train.zero_stage=2"],
+}
+"""Cases whose whole step (model states included) is measured: the live tensor bytes counted from before
+the model is built, their peak over the second step (the first creates the optimizer's states)."""
+
+
 def case_config(overrides: list[str]):
     from ithaca.launcher.config.load import load_config
 
@@ -66,16 +80,12 @@ def case_config(overrides: list[str]):
 
 def predicted_step_bytes(overrides: list[str]) -> int:
     """The plan's bytes one forward + backward allocates beyond weights and gradients (largest rank)."""
-    from ithaca.launcher.plan.memory import peak_memory
-
     terms = peak_memory(case_config(overrides))
     return sum(terms.activations.values()) + terms.loss
 
 
 def predicted_sp_bytes(overrides: list[str]) -> int:
     """The plan's sequence-parallel bytes the busiest rank sends in one forward + backward."""
-    from ithaca.launcher.plan.traffic import sp_bytes_by_rank
-
     by_rank = sp_bytes_by_rank(case_config(overrides)).values()
     return max(map(sum, zip(*by_rank)), default=0)
 
@@ -124,6 +134,57 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
     dist.destroy_process_group()
 
 
+def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import torch.distributed as dist
+
+    from ithaca.bench.peak_memory import live_tensor_bytes
+    from ithaca.data.batch import Batch
+    from ithaca.data.packing import document_positions, document_starts
+    from ithaca.launcher.runtime.distributed import init_distributed
+    from ithaca.launcher.train.engine import build_engine
+    from ithaca.launcher.train.loop import train_step
+    from ithaca.parallel.parallelize import parallelize_llama
+
+    cfg = case_config(overrides)
+    p = cfg.parallel
+    ctx = init_distributed(dp=p.dp, pp=p.pp, tp=p.tp, sequence=cfg.sequence)
+    n, rows = cfg.data.seq_len, cfg.train.micro_batch
+    gen = torch.Generator().manual_seed(ctx.mesh.rank("dp"))
+    doc_ids = (torch.arange(n) // DOC)[None].expand(rows, n)
+    batches = []
+    for _ in range(cfg.grad_accum_steps):
+        tokens = torch.randint(0, cfg.model.vocab_size, (rows, n + 1), generator=gen)
+        batches.append(Batch(tokens=tokens[:, :-1], labels=tokens[:, 1:], positions=document_positions(doc_ids),
+                             doc_ids=doc_ids, resets=document_starts(doc_ids)))
+    with live_tensor_bytes() as counter:
+        engine = build_engine(cfg, parallelize_llama(cfg.model, ctx.mesh, pp_split=None), ctx.mesh)
+        train_step(engine, batches, ctx.mesh, ctx.device)
+        counter.reset_peak()
+        train_step(engine, batches, ctx.mesh, ctx.device)
+        peak = torch.tensor([counter.peak])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(int(peak.item())))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_step(overrides: list[str]) -> int:
+    """The largest over the case's ranks of the peak live tensor bytes in a whole training step."""
+    cfg = case_config(overrides)
+    out = f"/tmp/bench_plan_check_step_{os.getpid()}.txt"
+    mp.start_processes(_step_worker, args=(cfg.parallel.world_size, free_port(), overrides, out),
+                       nprocs=cfg.parallel.world_size, start_method="spawn")
+    with open(out) as f:
+        peak = int(f.read())
+    os.remove(out)
+    return peak
+
+
 def measure(overrides: list[str]) -> tuple[int, int]:
     """The largest over the case's ranks of (peak live tensor bytes, bytes sent) in one forward + backward."""
     cfg = case_config(overrides)
@@ -161,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME")
     parser.add_argument("--calibrate", action="store_true", help="print the per-layer measurements instead")
+    parser.add_argument("--steps", action="store_true", help="also measure whole training steps (STEP_CASES)")
     args = parser.parse_args()
     if args.calibrate:
         print(bench_header("plan_check --calibrate", "cpu", f"fp32, one packed row, documents of {DOC} tokens"))
@@ -175,6 +237,15 @@ def main() -> None:
         predicted, (measured, sent) = predicted_step_bytes(CASES[name]), measure(CASES[name])
         print(f"| {name} | {cfg.parallel.tp * cfg.parallel.sp} | {predicted / 2**20:.1f} | {measured / 2**20:.1f} | "
               f"{predicted / measured:.3f} | {predicted_sp_bytes(CASES[name])} | {sent} |", flush=True)
+    if args.steps:
+        print("\n| whole step | ranks | predicted MiB (buffers) | measured MiB (max over ranks) | predicted/measured |")
+        print("|---|---|---|---|---|")
+        for name, overrides in STEP_CASES.items():
+            cfg = case_config(overrides)
+            terms = peak_memory(cfg)
+            measured = measure_step(overrides)
+            print(f"| {name} | {cfg.parallel.world_size} | {terms.total / 2**20:.1f} ({terms.comm_buffers / 2**20:.0f}) | "
+                  f"{measured / 2**20:.1f} | {terms.total / measured:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

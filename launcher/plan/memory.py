@@ -8,6 +8,8 @@ stage and tp shard; ZeRO partitions over the dp x sp ranks, DeepSpeed's data axi
     optimizer      AdamW's two fp32 moments 8 P, and under bf16 the fp32 master and gradient
                    copies 8 P; divided by Z from ZeRO-1 on (bf16 with ZeRO-0: DeepSpeed's bf16
                    optimizer partitions them too)
+    comm buffers   ZeRO-1/2/3: DeepSpeed's gradient reduce bucket, reduce_bucket_size = 5e8
+                   elements whatever the model's size (measured: 2.0 GB per rank in fp32 on the CPU)
 
 Activations, per layer and token of the rank's part (s = seq_len / sp tokens, micro_batch rows),
 in elements of the compute dtype, fit to live-tensor measurements of one process in fp32
@@ -44,6 +46,8 @@ LOSS_VOCAB_CHUNK = 4096
 """kernels/linear_cross_entropy/chunked.py's VOCAB_CHUNK (a number here: that module imports torch)."""
 LOSS_FIXED_BYTES = 1_114_112
 CHUNK = 64
+REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size, in gradient elements (engine.py leaves it)."""
 """The chunked linear-attention and delta-rule kernels' chunk length."""
 
 LayerCoefficients = tuple[float, float, float, float, float, float, float]
@@ -74,12 +78,14 @@ class MemoryTerms:
     gradients: int
     optimizer: int
     activations: dict[str, int]
-    """by layer kind: "softmax", "linear", "delta"; and "recompute" (full checkpointing's layer)"""
+    """by layer kind: "softmax", "linear", "delta"; and "recompute" (the layer the backward recomputes)"""
     loss: int
+    comm_buffers: int
 
     def as_dict(self) -> dict[str, int]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                **{f"activations_{kind}": b for kind, b in self.activations.items()}, "loss": self.loss}
+                **{f"activations_{kind}": b for kind, b in self.activations.items()}, "loss": self.loss,
+                "comm_buffers": self.comm_buffers}
 
     @property
     def total(self) -> int:
@@ -158,7 +164,9 @@ def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
         loss = int((OUTSIDE_DIM * args.dim + 2 * vocab_block) * tokens * elem) + LOSS_FIXED_BYTES
     elif first:
         loss = args.dim * tokens * elem * in_flight  # the embedding's output, kept for each micro-batch
-    return MemoryTerms(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, loss=loss)
+    comm_buffers = REDUCE_BUCKET * elem if t.zero_stage >= 1 else 0
+    return MemoryTerms(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, loss=loss,
+                       comm_buffers=comm_buffers)
 
 
 def peak_memory(cfg: RunConfig) -> MemoryTerms:
