@@ -5,7 +5,7 @@ cluster, tests/netns_cluster.py) a host's own name resolves to 127.0.1.1: ranks 
 listen on loopback, where the other nodes cannot reach them, and the first collective hangs.
 The interface is therefore chosen from the rendezvous host (MASTER_ADDR): the local interface
 that routes to it. On the rendezvous host itself that name resolves to loopback too, so there the
-address the other nodes resolve it to is read from the job's store, where they publish it.
+address the other nodes resolve it to is used, which each node publishes in the job's store.
 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when set, are used as they are.
 """
 
@@ -58,22 +58,27 @@ def choose_interface(backend: str, store: dist.Store | None) -> None:
     """Set the backend's interface variable (unless the user set it) to the interface that reaches the
     rendezvous host, and log the choice once per node.
 
-    `store` is the job's store (None outside torchrun, where the job is taken to be one node): ranks
-    of a job spanning several nodes (GROUP_WORLD_SIZE > 1) that reach the rendezvous host off
-    loopback publish its address there, and ranks on the rendezvous host wait for it.
+    `store` is the job's store (None outside torchrun, where the job is taken to be one node). In a
+    job of several nodes (GROUP_WORLD_SIZE > 1) each node publishes the address it resolves the
+    rendezvous host to; a node that resolves it to loopback (the rendezvous host itself) routes to
+    the address another node sees instead, if one sees it off loopback (else all nodes are this host).
     """
     variable = interface_variable(backend)
     if os.environ.get(variable):
         _log_choice(f"{backend} binds to {os.environ[variable]} ({variable} is set)")
         return
     host = os.environ["MASTER_ADDR"]
-    source = route_source(host)
+    seen_here = socket.getaddrinfo(host, None, family=socket.AF_INET)[0][4][0]
+    target = seen_here
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
     if store is not None and nodes > 1:
-        if ipaddress.ip_address(source).is_loopback:
-            source = route_source(store.get(PUBLISHED_KEY).decode())  # on the rendezvous host: its own address
-        else:
-            store.set(PUBLISHED_KEY, socket.getaddrinfo(host, None, family=socket.AF_INET)[0][4][0])
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            store.set(f"{PUBLISHED_KEY}/{os.environ['GROUP_RANK']}", seen_here)
+        seen = [store.get(f"{PUBLISHED_KEY}/{node}").decode() for node in range(nodes)]
+        elsewhere = [address for address in seen if not ipaddress.ip_address(address).is_loopback]
+        if ipaddress.ip_address(seen_here).is_loopback and elsewhere:
+            target = elsewhere[0]  # this node is the rendezvous host: its address as the others reach it
+    source = route_source(target)
     name = interface_of(source)
     os.environ[variable] = name
     _log_choice(f"{backend} binds to {name} ({source}), the interface that routes to the rendezvous host {host}; "

@@ -6,7 +6,9 @@ Each node resolves its own name to 127.0.1.1 (as Debian does), so a rank that bo
 address of its hostname would listen on loopback and the job would hang: these runs finish only
 because the interface is chosen from the rendezvous host (launcher/runtime/network_interface.py).
 Namespaces do not share a loopback, so every byte between nodes crosses eth0; the test reads
-eth0's counters to show how many. A third node serves the shards over HTTP (tests/shard_server.py)
+eth0's counters to show how many. An elastic run (`--nnodes 1:2`) loses node 2 (every process of
+it SIGKILLed) and finishes on node 1 alone, on a layout fitted to one rank (launcher/runtime/elastic.py),
+still on the one-process curve. A third node serves the shards over HTTP (tests/shard_server.py)
 to the 4-rank run, dropping the connection of each shard's first download half-way.
 """
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,7 @@ from conftest import failure_text, run_cli
 from ithaca.bench.rendezvous import free_port
 from ithaca.launcher.train.check import LOSS_RTOL, relative_difference
 from netns_cluster import NetnsCluster, unavailable_reason
-from test_train_cli import common_args, loss_history
+from test_train_cli import common_args, loss_history, mlflow_runs
 
 STEPS = 8
 STREAMS = 2  # dp x data.workers in every run here, so all read the same batches (data/loader.py)
@@ -118,3 +122,43 @@ def test_dp2_by_sp2_with_ulysses_inside_each_node_on_shards_over_http_follows_on
     assert_follows(loss_history(tmp_path), one_process)
     assert re.search(rf"data: reading {shard_server}/\S+ failed \(IncompleteRead", "".join(outputs)), outputs[0][-3000:]
     assert link_bytes > 100_000, link_bytes  # the dp gradient all-reduce crosses nodes
+
+
+def test_an_elastic_run_that_loses_a_node_finishes_on_the_one_left_on_the_same_curve(
+        cluster, one_process, debug_shards, tmp_path):
+    """dp2 (one rank a node, 2 streams) loses node 2 after the step-4 checkpoint; node 1 restarts
+    alone as dp1 x 2 accumulation x 2 data workers: the one-process run's layout and batches."""
+    port = free_port()
+    # node 2's rank hangs at step 6 (ITHACA_TEST_FAULT, launcher/runtime/faults.py), so the kill
+    # below lands mid-run however fast the steps go
+    envs = [{**os.environ, "OMP_NUM_THREADS": "1"},
+            {**os.environ, "OMP_NUM_THREADS": "1", "ITHACA_TEST_FAULT": "hang:6:1"}]
+    # last_call_timeout: the first round waits for both nodes; the restart waits that long for node 2
+    nodes = [subprocess.Popen(node.command(sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
+                                           "--nproc-per-node=1", "--max-restarts=1", "--rdzv-backend=c10d",
+                                           "--rdzv-conf=last_call_timeout=15", f"--rdzv-endpoint=node1:{port}",
+                                           "--rdzv-id=elastic", "-m", "ithaca", "train", *common_args(debug_shards, tmp_path),
+                                           "--set", f"train.steps={STEPS}", "--set", "checkpoint.every=4"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for node, env in zip(cluster.nodes[:2], envs)]
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "latest").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        agent = nodes[1].pid  # ip netns exec, unshare and sh exec into torchrun's agent: same pid
+        ranks = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+        for pid in [*map(int, ranks), agent]:
+            os.kill(pid, signal.SIGKILL)
+        output = nodes[0].communicate(timeout=400)[0]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    assert nodes[0].returncode == 0, failure_text(output)
+    change = ("world 2 -> 1: dp 2 -> 1, accumulation 1 -> 2, data workers 1 -> 2; resharding "
+              f"{tmp_path / 'checkpoints' / 'step_00000004'}")
+    assert f"ithaca: {change}" in output, failure_text(output)
+    client, (run,) = mlflow_runs(tmp_path)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, STEPS + 1))
+    assert_follows(loss_history(tmp_path), one_process)
