@@ -30,9 +30,10 @@ dim; for the other kinds assumed: all but 6 dim). The allgather softmax method a
 K and V of the whole sequence to each softmax layer. A pipeline's first stage holds pp micro-batches at once (1F1B), stage k
 pp - k.
 
-Outside the layers (embedding, final norm, the chunked loss): 4.5625 dim + 2 min(V/tp, 4096)
-elements per token (the loss's blocks are 2048 tokens x 4096 vocabulary rows) and a fixed 1.1 MB,
-on the last stage (the embedding's share on the first).
+Outside the layers (embedding, final norm, the chunked loss), on the last stage: 4.5625 dim
+elements per token, two of the loss's blocks (2048 tokens x 4096 vocabulary rows), the head's
+[V/tp, dim] weight gradient before it is added in, and a fixed 1.1 MB; on the first stage the
+embedding's dense [V/tp, dim] gradient (both measured with a 32K vocabulary: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from dataclasses import dataclass
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.models.llama_args import LlamaArgs
 
-LOSS_VOCAB_CHUNK = 4096
-"""kernels/linear_cross_entropy/chunked.py's VOCAB_CHUNK (a number here: that module imports torch)."""
+LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK = 2048, 4096
+"""kernels/linear_cross_entropy/chunked.py's block (numbers here: that module imports torch)."""
 LOSS_FIXED_BYTES = 1_114_112
 CHUNK = 64
 REDUCE_BUCKET = 500_000_000
@@ -159,11 +160,12 @@ def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
         if interior > 0:
             activations["recompute"] = int(interior * tokens * elem)
     loss = 0
+    vocab = args.vocab_size // p.tp
     if last:
-        vocab_block = min(args.vocab_size // p.tp, LOSS_VOCAB_CHUNK)
-        loss = int((OUTSIDE_DIM * args.dim + 2 * vocab_block) * tokens * elem) + LOSS_FIXED_BYTES
-    elif first:
-        loss = args.dim * tokens * elem * in_flight  # the embedding's output, kept for each micro-batch
+        blocks = 2 * min(vocab, LOSS_VOCAB_CHUNK) * min(tokens, LOSS_TOKEN_CHUNK)
+        loss = int((OUTSIDE_DIM * args.dim * tokens + blocks + vocab * args.dim) * elem) + LOSS_FIXED_BYTES
+    if first:  # the embedding's output for each micro-batch in flight, and its dense gradient
+        loss += (0 if last else args.dim * tokens * in_flight * elem) + vocab * args.dim * elem
     comm_buffers = REDUCE_BUCKET * elem if t.zero_stage >= 1 else 0
     return MemoryTerms(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, loss=loss,
                        comm_buffers=comm_buffers)
