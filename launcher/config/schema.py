@@ -278,11 +278,13 @@ class RunConfig:
             raise ConfigError("eval.seq_len", self.eval_seq_len,
                               f"must be divisible by {chunks} (sp={sp}, sp_method={p.sp_method})")
         halo = self.model.delta_conv_size - 1
-        if "D" in self.model.layer_pattern and sp > 1 and self.data.seq_len // chunks < halo:
-            raise ConfigError("data.seq_len", self.data.seq_len,
-                              f"cuts pieces of {self.data.seq_len // chunks} tokens (sp={sp}, sp_method={p.sp_method}), "
-                              f"shorter than the {halo} tokens D layers' convolution reads from the previous piece "
-                              f"(model.delta_conv_size={self.model.delta_conv_size}); use a longer seq_len or a smaller sp")
+        for name, length in (("data.seq_len", self.data.seq_len), ("eval.seq_len", self.eval_seq_len)):
+            if "D" in self.model.layer_pattern and sp > 1 and length // chunks < halo:
+                raise ConfigError(name, length,
+                                  f"cuts pieces of {length // chunks} tokens (sp={sp}, sp_method={p.sp_method}), "
+                                  f"shorter than the {halo} tokens D layers' convolution reads from the previous "
+                                  f"piece (model.delta_conv_size={self.model.delta_conv_size}); use a longer "
+                                  "seq_len or a smaller sp")
         per_step = self.train.micro_batch * self.parallel.dp
         if self.train.global_batch % per_step:
             raise ConfigError("train.global_batch", self.train.global_batch,

@@ -1,17 +1,17 @@
 """Evals during training leave the training curve as it was, and a resumed run evaluates the same
 batches: its eval after the resume equals the uninterrupted run's.
 
-pp2 swaps the pipeline's loss function and activation shapes for the eval (launcher/eval/loss.py)
-and dp2 ZeRO-3 gathers partitioned weights for forward passes without a backward: the two
-layouts where an eval could leave state behind for the next step.
+Under pp2, where the eval swaps the pipeline's loss function and activation shapes and runs
+DeepSpeed's inference schedule between training steps (launcher/eval/loss.py): the layout where an
+eval could most easily leave state behind for the next step. (dp2 ZeRO-3, which gathers
+partitioned weights for forward passes without a backward, also gave the bitwise curve; it was
+left out to keep the suite's time.)
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 from harness import run_ranks
 
@@ -32,10 +32,8 @@ def _train(data: str, out: str, overrides: tuple[str, ...], resume: str | None =
     return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records], "evals": evals}
 
 
-@pytest.mark.parametrize("layout", [("parallel.dp=1", "parallel.pp=2"), ("parallel.dp=2", "train.zero_stage=3")],
-                         ids=["pp2", "dp2-zero3"])
-def test_evals_leave_the_curve_and_resume_keeps_the_eval_batches(layout, short_doc_shards, tmp_path):
-    data = str(short_doc_shards)
+def test_evals_leave_the_curve_and_resume_keeps_the_eval_batches(short_doc_shards, tmp_path):
+    data, layout = str(short_doc_shards), ("parallel.dp=1", "parallel.pp=2")
     plain, _ = run_ranks(_train, 2, data, str(tmp_path / "plain"), layout)
     evaluated, _ = run_ranks(_train, 2, data, str(tmp_path / "eval"), (*layout, "eval.every=1"))
     # bitwise: the eval adds no operation to any training step
@@ -44,8 +42,6 @@ def test_evals_leave_the_curve_and_resume_keeps_the_eval_batches(layout, short_d
     losses = [e["eval_loss"] for e in evaluated["evals"]]
     assert losses[-1] < losses[0]  # the model learns, so an eval that reads the live weights sees it
     assert (tmp_path / "eval" / "eval" / "loss_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if "parallel.pp=2" not in layout:
-        return  # the eval batches do not depend on the layout: one resume case is enough
 
     resumed_out = tmp_path / "resumed"
     (resumed_out / "checkpoints").mkdir(parents=True)

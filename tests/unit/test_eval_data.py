@@ -61,6 +61,9 @@ def test_run_evaluates_eval_path_else_the_holdout_of_data_path(inputs, tmp_path)
     with pytest.raises(ConfigError, match="eval.seq_len=102: must be divisible by 4"):
         load_config("debug-cpu", [f"data.path={tmp_path / 'plain'}", "parallel.sp=2", "parallel.dp=1",
                                   "parallel.sp_method=ring", "eval.seq_len=102"])
+    with pytest.raises(ConfigError, match="eval.seq_len=4: cuts pieces of 2 tokens"):  # the delta rule's halo
+        load_config("debug-delta-cpu", [f"data.path={tmp_path / 'plain'}", "parallel.sp=2", "parallel.dp=1",
+                                        "eval.seq_len=4"])
 
 
 def test_eval_windows_are_the_stream_cut_and_every_dp_shares_them(inputs, tmp_path):
