@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ithaca.data.batch import Batch
+from ithaca.data.remote import is_remote, location_text
 from ithaca.data.shard_reader import read_shard
 from ithaca.data.shards import Manifest, read_manifest
 from ithaca.launcher.config.schema import ConfigError, RunConfig
@@ -25,24 +26,35 @@ from ithaca.log import get_logger
 log = get_logger(__name__)
 
 
-def eval_folder(cfg: RunConfig) -> Path:
-    """The folder to evaluate on: eval.path, else the holdout `ithaca prep --holdout` recorded in
-    data.path's manifest (said once in the log). Raises ConfigError when there is neither."""
+def eval_folder(cfg: RunConfig) -> Path | str:
+    """The folder to evaluate on: eval.path (a local folder or, as data.path, a URL), else the holdout
+    `ithaca prep --holdout` recorded in data.path's manifest (said once in the log). Raises
+    ConfigError when there is neither."""
     if cfg.eval.path is not None:
-        return Path(cfg.eval.path)
+        return location_text(cfg.eval.path) if is_remote(cfg.eval.path) else Path(cfg.eval.path)
     if cfg.data.path is None:
         raise ConfigError("eval.path", None, "a data.mixture has no one holdout; name the eval shards with eval.path")
     holdout = read_manifest(cfg.data.path).holdout
     if holdout is None:
         raise ConfigError("eval.path", None, f"data.path={cfg.data.path!r} was prepped without a holdout; prep it "
                           "with `ithaca prep --holdout N`, or name eval shards with eval.path")
-    folder = Path(cfg.data.path) / holdout["path"]
+    folder = _inside(cfg.data.path, holdout["path"])
     log.info(f"eval: eval.path not set, evaluating on the holdout of data.path ({folder}, "
              f"{holdout['documents']} documents)")
     return folder
 
 
-def eval_windows(folder: Path, manifest: Manifest, seq_len: int, count: int) -> torch.Tensor:
+def _inside(location: str, name: str) -> Path | str:
+    """Sub-folder `name` of a shard folder, local or a URL."""
+    if not is_remote(location):
+        return Path(location) / name
+    if location.startswith("pipe:"):
+        raise ConfigError("eval.path", None, f"data.path={location!r} is a command, and its holdout's place cannot "
+                          "be derived from it; name the holdout with eval.path")
+    return f"{location_text(location).rstrip('/')}/{name}"
+
+
+def eval_windows(folder: Path | str, manifest: Manifest, seq_len: int, count: int) -> torch.Tensor:
     """The first `count` windows [count, seq_len + 1] int64 of the folder's documents in manifest order.
     Raises ValueError if the folder holds fewer tokens than that."""
     need = count * seq_len + 1
@@ -74,7 +86,7 @@ def rank_batches(windows: torch.Tensor, *, batches: int, global_batch: int, micr
     return out
 
 
-def run_batches(cfg: RunConfig, dp: int, dp_rank: int) -> tuple[Path, list[list[Batch]]]:
+def run_batches(cfg: RunConfig, dp: int, dp_rank: int) -> tuple[Path | str, list[list[Batch]]]:
     """(the eval folder, this dp rank's eval micro-batches) for the run `cfg`."""
     folder = eval_folder(cfg)
     manifest = read_manifest(folder)

@@ -13,7 +13,7 @@ EVAL_JSON = "eval.json"
 PLOT = "loss_by_position.png"
 
 
-def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path, batches: int) -> dict:
+def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path | str, batches: int) -> dict:
     """eval.json's content: what was evaluated, on what, and its losses (per position bucket too)."""
     buckets = zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)
     return {"source": source, "step": step, "eval_data": str(folder), "seq_len": totals.seq_len,

@@ -93,3 +93,15 @@ def test_position_buckets_and_the_picture(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "p.png").ndim == 3  # a PNG matplotlib reads back
+
+
+def test_eval_data_read_through_a_command_as_data_path_is(inputs, tmp_path):
+    """eval.path takes what data.path takes (data/remote.py); a command's holdout cannot be derived."""
+    prep([inputs], tmp_path / "d", ByteTokenizer(), shard_tokens=300, holdout=5)
+    local = eval_folder(load_config("debug-cpu", [f"data.path={tmp_path / 'd'}"]))
+    piped = eval_folder(load_config("debug-cpu", [f"data.path={tmp_path / 'd'}",
+                                                  f"eval.path=pipe:cat {tmp_path / 'd' / 'holdout'}/{{shard}}"]))
+    assert piped.startswith("pipe:")
+    assert torch.equal(eval_windows(piped, read_manifest(piped), 8, 4), eval_windows(local, read_manifest(local), 8, 4))
+    with pytest.raises(ConfigError, match="is a command, and its holdout's place cannot be derived"):
+        eval_folder(load_config("debug-cpu", [f"data.path=pipe:cat {tmp_path / 'd'}/{{shard}}"]))
