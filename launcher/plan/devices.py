@@ -3,7 +3,8 @@
 Figures are per device: memory a program can hold, dense bf16 peak, HBM bandwidth, and the link
 bandwidth one device has to another inside its node and across nodes (one direction). `efficiency`
 is the fraction of the peak a training step's matmuls reach (MFU) and `latency_us` one collective
-hop's fixed cost; both are assumptions until calibrated from a measured run (`calibrated`).
+hop's fixed cost; both are assumptions. To calibrate, write a run's measured figures into a device
+file: its logged mfu as `efficiency`, bench/sp_attention.py's bytes over time as `intra_node_gbps`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Device:
     bf16_tflops: float
     """Dense bf16 peak, TFLOP/s (the CPU row: its fp32 matmul rate, what CPU runs train in)."""
     hbm_gbps: float
+    """HBM bandwidth, GB/s (listed; the step-time model counts FLOPs only and does not read it yet)."""
     intra_node_gbps: float
     """One direction, device to device inside a node (NVLink; the CPU: gloo over loopback)."""
     inter_node_gbps: float
@@ -47,16 +49,6 @@ class Device:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GIB)
-
-    def calibrated(self, *, measured_mfu: float | None = None, measured_link_gbps: float | None = None) -> "Device":
-        """This device with its efficiency (from a run's logged mfu) and intra-node link (from
-        bench/sp_attention.py's bytes over time) replaced by measured figures."""
-        changes: dict[str, float] = {}
-        if measured_mfu is not None:
-            changes["efficiency"] = measured_mfu
-        if measured_link_gbps is not None:
-            changes["intra_node_gbps"] = measured_link_gbps
-        return dataclasses.replace(self, **changes)
 
 
 def _cpu() -> Device:
