@@ -38,6 +38,8 @@ embedding's dense [V/tp, dim] gradient (both measured with a 32K vocabulary: ben
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 from ithaca.launcher.config.schema import RunConfig
@@ -113,7 +115,9 @@ def layer_elements_per_token(args: LlamaArgs, kind: str, mode: str, tp: int) -> 
 
 def stage_parts(cfg: RunConfig) -> list[tuple[list[int], bool, bool]]:
     """Per pipeline stage: (its blocks' layer indices, holds the embedding, holds the head and loss)."""
-    from ithaca.parallel.pipeline import stage_blocks
+    # DeepSpeed, which that module imports, logs a notice to stdout on import: `ithaca plan --json` owns stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        from ithaca.parallel.pipeline import stage_blocks
 
     p = cfg.parallel
     counts = [cfg.model.n_layers] if p.pp == 1 else stage_blocks(cfg.model, p.pp, p.pp_split)
