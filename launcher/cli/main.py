@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a file or JSONL line that is not readable text (corrupt .gz, binary, not UTF-8, "
                            "not JSON, no --field): 'stop' (default) ends the prep naming it; 'skip' leaves it "
                            "out and counts it in manifest.json")
+    prep.add_argument("--holdout", type=float, metavar="N",
+                      help="set documents aside for evaluation in OUTPUT/holdout/ (never in a training shard): "
+                           "N >= 1 the first N documents, 0 < N < 1 an evenly spread fraction of them")
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True, help="a YAML path, or a shipped config name (e.g. debug-cpu)")
@@ -159,10 +162,13 @@ def _prep(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError(f"--input: no text files found in {', '.join(map(str, args.input))}")
     manifest = prep(files, args.output, tokenizer, shard_tokens=args.shard_tokens, field=args.field,
-                    workers=args.workers, progress=True, on_error=args.on_error)
+                    workers=args.workers, progress=True, on_error=args.on_error,
+                    holdout=args.holdout)
     skipped = f"; {read_skip_log(args.output).summary()}" if args.on_error == "skip" else ""
+    held = "" if manifest.holdout is None else \
+        f"; {manifest.holdout['documents']} documents held out in {args.output / manifest.holdout['path']}"
     print(f"wrote {len(manifest.shards)} shards, {manifest.documents} documents, {manifest.tokens} tokens "
-          f"to {args.output}{skipped}")
+          f"to {args.output}{held}{skipped}")
     return 0
 
 

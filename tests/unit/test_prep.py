@@ -138,3 +138,21 @@ def test_empty_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="hold no text"):
         prep([tmp_path / "a.jsonl"], tmp_path / "out", ByteTokenizer())
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_cli_holdout_sets_documents_aside_and_says_so(inputs, tmp_path, capsys):
+    from ithaca.launcher.cli.main import main
+
+    out = tmp_path / "out"
+    args = ["prep", "--input", str(tmp_path / "in"), "--workers", "1", "--holdout", "2"]
+    assert main([*args, "--output", str(out)]) == 0
+    tokens = sum(len(text.encode()) for text in DOCS[2:])
+    assert capsys.readouterr().out == f"wrote 1 shards, 3 documents, {tokens} tokens to {out}; 2 documents held " \
+                                      f"out in {out / 'holdout'}\n"
+    assert stored_documents(out) == DOCS[2:] and stored_documents(out / "holdout") == DOCS[:2]
+    assert read_manifest(out).holdout == {"path": "holdout", "documents": 2}
+
+    assert main([*args[:-1], "0", "--output", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err == "ithaca: --holdout=0.0: give a number of documents (1 or more) or a fraction " \
+                                      "between 0 and 1\n"
+    assert not (tmp_path / "none").exists()
