@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 from pathlib import Path
 
 from ithaca.launcher.config.schema import ConfigError, RunConfig
@@ -51,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         nproc = args.nproc or cfg.parallel.world_size
         cfg.check_world(nproc)
         _check_inputs(cfg, args, checkpoint)
-        return _start_ranks(cfg, nproc, _rank_argv(args, config))
+        from ithaca.launcher.runtime.local_torchrun import start_torchrun
+
+        return start_torchrun(cfg, nproc, _rank_argv(args, config))
     from ithaca.launcher.eval.report import format_table
     from ithaca.launcher.eval.saved import evaluate_saved
 
@@ -105,13 +105,3 @@ def _rank_argv(args: argparse.Namespace, config: str) -> list[str]:
             *(item for o in args.overrides for item in ("--set", o))]
 
 
-def _start_ranks(cfg: RunConfig, nproc: int, argv: list[str]) -> int:
-    """This command under torchrun on this machine, owning its processes (launcher/runtime/supervisor.py)."""
-    from ithaca.launcher.runtime.supervisor import run_owned
-
-    cmd = [sys.executable, "-m", "ithaca.launcher.runtime.torchrun_main", "--parent-pid", str(os.getpid()), "--",
-           "--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0",
-           f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}", "-m", "ithaca", *argv]
-    # PYTHONSAFEPATH: as `ithaca train`'s ranks, so a checkout's folders do not shadow installed packages
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
-    return run_owned(cmd, env, grace=cfg.train.step_timeout)

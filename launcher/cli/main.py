@@ -7,7 +7,6 @@ checkpoint) exit 1 with one line; anything else exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -318,8 +317,7 @@ def _track_sync(args: argparse.Namespace) -> int:
 
 
 def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun on this machine, owning every process it starts
-    (launcher/runtime/supervisor.py); the launcher's own options are not passed on."""
+    """Re-run this command under torchrun on this machine; the launcher's own options are not passed on."""
     rest, skip = [], False
     for item in argv:
         if skip:
@@ -328,17 +326,11 @@ def _start_torchrun(cfg: RunConfig, nproc: int, max_restarts: int, argv: list[st
             skip = True
         elif not item.startswith(tuple(f"{option}=" for option in LAUNCHER_OPTIONS)):
             rest.append(item)
-    from ithaca.launcher.runtime.supervisor import run_owned
+    from ithaca.launcher.runtime.local_torchrun import start_torchrun
 
-    training = ["--checkpoint-dir", str(cfg.checkpoint_dir)] if argv[:1] == ["train"] else []  # not `check`
-    cmd = [sys.executable, "-m", "ithaca.launcher.runtime.torchrun_main", *training,
-           "--parent-pid", str(os.getpid()), "--", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", f"--shutdown-timeout={math.ceil(cfg.train.collective_timeout)}",
-           "-m", "ithaca", *rest]
-    # PYTHONSAFEPATH: torchrun starts the ranks with `-m`, which would put the working directory first on
-    # sys.path, and a checkout's kernels/, data/, models/ would shadow installed packages of those names.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
-    return run_owned(cmd, env, grace=cfg.train.step_timeout)
+    training = argv[:1] == ["train"]  # not `check`
+    return start_torchrun(cfg, nproc, rest, max_restarts=max_restarts,
+                          checkpoint_dir=cfg.checkpoint_dir if training else None)
 
 
 def _quiet_library_warnings() -> None:

@@ -49,9 +49,9 @@ LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK = 2048, 4096
 """kernels/linear_cross_entropy/chunked.py's block (numbers here: that module imports torch)."""
 LOSS_FIXED_BYTES = 1_114_112
 CHUNK = 64
+"""The chunked linear-attention and delta-rule kernels' chunk length."""
 REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default zero_optimization.reduce_bucket_size, in gradient elements (engine.py leaves it)."""
-"""The chunked linear-attention and delta-rule kernels' chunk length."""
 
 LayerCoefficients = tuple[float, float, float, float, float, float, float]
 """Elements per token: (dim kept whole on every tp rank, dim split over tp (per-head tensors: q,
