@@ -115,12 +115,14 @@ def layer_elements_per_token(args: LlamaArgs, kind: str, mode: str, tp: int) -> 
 
 def stage_parts(cfg: RunConfig) -> list[tuple[list[int], bool, bool]]:
     """Per pipeline stage: (its blocks' layer indices, holds the embedding, holds the head and loss)."""
-    # DeepSpeed, which that module imports, logs a notice to stdout on import: `ithaca plan --json` owns stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        from ithaca.parallel.pipeline import stage_blocks
-
     p = cfg.parallel
-    counts = [cfg.model.n_layers] if p.pp == 1 else stage_blocks(cfg.model, p.pp, p.pp_split)
+    if p.pp == 1:  # no pipeline: the seconds of importing DeepSpeed and Megatron are not needed
+        counts = [cfg.model.n_layers]
+    else:
+        # DeepSpeed, which that module imports, logs a notice to stdout on import: `ithaca plan --json` owns stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            from ithaca.parallel.pipeline import stage_blocks
+        counts = stage_blocks(cfg.model, p.pp, p.pp_split)
     parts, start = [], 0
     for stage, count in enumerate(counts):
         parts.append((list(range(start, start + count)), stage == 0, stage == p.pp - 1))
