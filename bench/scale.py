@@ -128,13 +128,14 @@ def tokens_label(n: int) -> str:
     return f"{n // (K * K)}M" if n % (K * K) == 0 else f"{n // K}K"
 
 
-def cell(row: ScaleRow) -> str:
-    if row.plan is None:
+def speed(plan: Plan | None) -> str:
+    """Predicted tokens/s/GPU, or why there is none: the config check refuses, or the term that breaks it."""
+    if plan is None:
         return "refused"
-    if not row.plan.fits:
-        term = row.plan.memory.largest
-        return f"no fit ({term} {row.plan.memory.as_dict()[term] / GIB:.0f} GiB)"
-    return f"{row.plan.time.tokens_per_s_per_gpu:,.0f}"
+    if not plan.fits:
+        term = plan.memory.largest
+        return f"no fit ({term} {plan.memory.as_dict()[term] / GIB:.0f} GiB)"
+    return f"{plan.time.tokens_per_s_per_gpu:,.0f}"
 
 
 def scale_table(rows: list[ScaleRow]) -> str:
@@ -145,7 +146,7 @@ def scale_table(rows: list[ScaleRow]) -> str:
     by_key = {(r.series, r.gpus, r.seq_len): r for r in rows}
     for series, gpus in dict.fromkeys((r.series, r.gpus) for r in rows):
         lines.append(f"| {series.name} | {gpus} | "
-                     + " | ".join(cell(by_key[series, gpus, n]) for n in lengths) + " |")
+                     + " | ".join(speed(by_key[series, gpus, n].plan) for n in lengths) + " |")
     return "\n".join(lines)
 
 
@@ -212,31 +213,36 @@ def _speed(model: str, method: str, exchange: str, gpus: int, seq_len: int, sp: 
     return best_row(Series(model, method, exchange), gpus, seq_len, sps=[sp]).plan
 
 
+def _ratio(a: Plan, b: Plan) -> float:
+    """a's predicted tokens/s/GPU over b's (both must fit: a comparison with a layout that does not is no answer)."""
+    if not (a.fits and b.fits):
+        raise RuntimeError(f"no layout fits: {a.layout.short()} ({speed(a)}) or {b.layout.short()} ({speed(b)})")
+    return a.time.tokens_per_s_per_gpu / b.time.tokens_per_s_per_gpu
+
+
 def published_comparison() -> list[Published]:
     """The plan's predictions for the setups of published results (issue #24 deliverable 5)."""
     out = []
     dp = _speed("gla-1b", "allgather", "allgather", 256, 32 * K, 1)
     scan = _speed("gla-1b", "allgather", "scan", 256, 256 * 32 * K, 256)
     gather = _speed("gla-1b", "allgather", "allgather", 256, 256 * 32 * K, 256)
-    ratio = lambda p: p.time.tokens_per_s_per_gpu / dp.time.tokens_per_s_per_gpu  # noqa: E731
     out.append(Published(
         "ZeCO (All-Scan) and LASP-2 throughput as a share of data parallelism, 1B GLA, 32K tokens per GPU, 256 GPUs",
         "ZeCO 88%, LASP-2 55%",
         "issue #24's figures; the ZeCO abstract (arXiv 2507.01004) gives their ratio: 60% faster than the "
         "SOTA SP method on 256 GPUs at 8M (0.88 / 0.55 = 1.60); the 88% and 55% themselves not found in the "
         "sources searched",
-        f"scan {ratio(scan):.0%}, allgather {ratio(gather):.0%} (scan / allgather = {scan.time.tokens_per_s_per_gpu / gather.time.tokens_per_s_per_gpu:.2f})",
+        f"scan {_ratio(scan, dp):.0%}, allgather {_ratio(gather, dp):.0%} (scan / allgather = {_ratio(scan, gather):.2f})",
         f"gla-1b sp256 at 8M ({scan.layout.short()} / {gather.layout.short()}) against dp256 at 32K "
         f"({dp.layout.short()})"))
     lasp = _speed("gla-1b", "allgather", "allgather", 64, 2048 * K, 64)
     serial = _speed("gla-1b", "allgather", "scan", 64, 2048 * K, 64)
     ring = _speed("llama-1b", "ring", "allgather", 64, 2048 * K, 64)
-    over = lambda a, b: f"{a.time.tokens_per_s_per_gpu / b.time.tokens_per_s_per_gpu - 1:+.1%}"  # noqa: E731
     out.append(Published(
         "LASP-2 against ring attention and against LASP-1, Linear-Llama3-1B, 2048K tokens, 64 GPUs",
         "LASP-2 +36.6% over Ring Attention, +15.2% over LASP-1",
         "LASP-2 abstract (arXiv 2502.07563)",
-        f"over ring: {over(lasp, ring) if ring.fits else 'no ring layout fits'}; over the scan: {over(lasp, serial)}",
+        f"over ring: {_ratio(lasp, ring) - 1:+.1%}; over the scan: {_ratio(lasp, serial) - 1:+.1%}",
         f"gla-1b sp64 allgather ({lasp.layout.short()}) against llama-1b, the same shape with softmax layers, sp64 "
         f"ring ({ring.layout.short()}): the plan's ring runs softmax attention (quadratic), not comparable if the "
         f"paper's ring ran linear attention; the scan ({serial.layout.short()}) is the plan's nearest to LASP-1's "
@@ -246,7 +252,7 @@ def published_comparison() -> list[Published]:
         out.append(Published(
             f"torchtitan context parallelism (ring), Llama-3.1-8B, {tokens_label(seq_len)} tokens, 8 H100",
             "not found", "torchtitan docs/performance.md and its issues searched: no CP tokens/s table found",
-            f"{cp.time.tokens_per_s_per_gpu:,.0f} tokens/s/GPU" if cp.fits else cell(ScaleRow(SERIES[1], 8, seq_len, cp)),
+            f"{speed(cp)} tokens/s/GPU" if cp.fits else speed(cp),
             f"llama-8b sp8 ring ({cp.layout.short()})"))
     alst = {1: "500K", 8: "3.7M", 32: "15M"}
     for gpus, theirs in alst.items():
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
     parser.add_argument("--no-published", action="store_true", help="skip the comparison with published figures")
     args = parser.parse_args(argv)
+    if min(args.gpus) < 2 or min(args.seq_lens) < 1:
+        parser.error("use --gpus of 2 or more (sp >= 2) and --seq-lens of 1 or more tokens")
     rows = scale_rows(gpus=tuple(args.gpus), seq_lens=tuple(args.seq_lens))
     chart(rows, args.png)
     print(f"Predicted tokens/s/GPU on H100 ({GPUS_PER_NODE} per node; chart: {args.png}):\n")
