@@ -19,7 +19,7 @@ from ithaca.launcher.config.schema import ConfigError, RunConfig
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="evaluate a checkpoint or a Hugging Face Llama on held-out data: "
-                                         "eval loss and loss by position")
+                                         "eval loss, loss by position and (eval.passkey) passkey retrieval")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="a step_N checkpoint folder (any layout: it is resharded to the config's), or a "
@@ -52,17 +52,22 @@ def run(args: argparse.Namespace) -> int:
         from ithaca.launcher.runtime.local_torchrun import start_torchrun
 
         return start_torchrun(cfg, nproc, _rank_argv(args, config))
-    from ithaca.launcher.eval.report import format_table
+    from ithaca.launcher.eval.report import format_passkey_table, format_table
     from ithaca.launcher.eval.saved import evaluate_saved
 
     source = str(checkpoint) if checkpoint is not None else f"hf:{args.hf}"
-    record, totals, seconds = evaluate_saved(cfg, checkpoint=checkpoint, source=source, output=args.output)
+    record, totals, passkey, seconds = evaluate_saved(cfg, checkpoint=checkpoint, source=source, output=args.output)
     if int(os.environ["RANK"]) == 0:
         step = "" if record["step"] is None else f" step={record['step']}"
         print(f"eval{step} eval_loss={totals.loss:.4f} eval_ppl={totals.ppl:.2f} eval_s={seconds:.2f} "
               f"tokens={totals.tokens}", flush=True)
         print(format_table(record), flush=True)
-        print(f"wrote {args.output}/eval.json and loss_by_position.png", flush=True)
+        if passkey is not None:
+            print(f"passkey passkey_acc={passkey.mean_accuracy:.4f} (share of keys retrieved, by depth and "
+                  "prompt length)", flush=True)
+            print(format_passkey_table(passkey), flush=True)
+        plots = "loss_by_position.png" + ("" if passkey is None else " and passkey.png")
+        print(f"wrote {args.output}/eval.json, {plots}", flush=True)
     return 0
 
 
@@ -97,6 +102,10 @@ def _check_inputs(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | N
         check_hf_config(json.loads(config_file.read_text()), cfg.model, str(config_file))
     folder = eval_folder(cfg)
     eval_windows(folder, read_manifest(folder), cfg.eval_seq_len, cfg.eval.batches * cfg.train.global_batch)
+    if cfg.eval.passkey:
+        from ithaca.launcher.eval.passkey import run_prompts
+
+        run_prompts(cfg)
 
 
 def _rank_argv(args: argparse.Namespace, config: str) -> list[str]:

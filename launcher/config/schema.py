@@ -231,9 +231,17 @@ class EvalConfig:
     `ithaca prep --holdout` wrote beside data.path."""
     seq_len: int | None = None
     """Tokens per eval window; omitted means data.seq_len."""
+    passkey: bool = False
+    """Also score passkey retrieval at each eval (launcher/eval/passkey.py): a key of 5 digits hidden
+    at depths 0, 25, 50, 75 and 100 % of filler from the eval data, in prompts of powers-of-two
+    lengths up to eval.seq_len, answered teacher-forced; logged as passkey_acc_<length>_<depth>
+    (share of keys whose every token is the argmax) and passkey_ll_<length>_<depth> (the key
+    tokens' mean log-likelihood), with a heatmap PNG. A tokenizer.json eval set needs data.tokenizer."""
+    passkey_samples: int = 4
+    """Passkey prompts (each its own key and filler) per length and depth."""
 
     def __post_init__(self) -> None:
-        for name in ("every", "batches", "seq_len"):
+        for name in ("every", "batches", "seq_len", "passkey_samples"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "seq_len" else 1):
                 raise ConfigError(f"eval.{name}", value, "use 1 or more (seq_len: 2 or more), or omit it")

@@ -57,7 +57,7 @@ class _CollectLosses:
         return losses.sum()
 
 
-def _pipeline_losses(engine: deepspeed.DeepSpeedEngine, pieces: list[Batch]) -> list[torch.Tensor] | None:
+def pipeline_losses(engine: deepspeed.DeepSpeedEngine, pieces: list[Batch]) -> list[torch.Tensor] | None:
     """Per-token losses of each piece through DeepSpeed's inference schedule: on the last stage, else None.
 
     The training loss_fn is swapped out for the eval and back, and the engine forgets the activation
@@ -89,7 +89,7 @@ def evaluate(engine: deepspeed.DeepSpeedEngine, batches: list[list[Batch]], mesh
         for micro_batches in batches:
             pieces = [b.part(mesh.sequence, sp_rank=mesh.rank("sp")).to(device) for b in micro_batches]
             if mesh.pp > 1:
-                losses = _pipeline_losses(engine, pieces)
+                losses = pipeline_losses(engine, pieces)
             else:
                 with torch.no_grad():
                     losses = [engine(piece) for piece in pieces]

@@ -1,5 +1,5 @@
-"""The loss-by-position picture: mean eval loss against position in the document, log axis, one
-line per eval step."""
+"""The eval pictures: loss by position (mean eval loss against position in the document, log axis, one
+line per eval step) and the passkey heatmap (accuracy by prompt length and key depth)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,28 @@ def plot_loss_by_position(history: dict[int, dict[tuple[int, int], float]], path
     ax.set_title("Eval loss by position")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plot_passkey(accuracy: dict[tuple[int, int], float], step: int, path: Path) -> None:
+    """Write a heatmap PNG of passkey accuracy ((prompt length, depth %) -> share retrieved) to `path`."""
+    lengths = sorted({n for n, _ in accuracy})
+    depths = sorted({d for _, d in accuracy})
+    grid = [[accuracy[(n, d)] for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 4.5))
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(f"Passkey retrieval, step {step}")
+    fig.colorbar(image, ax=ax, label="share of keys retrieved")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

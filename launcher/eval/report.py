@@ -1,4 +1,5 @@
-"""What `ithaca eval` hands its user: eval.json, the loss-by-position PNG and a table."""
+"""What `ithaca eval` hands its user: eval.json, the loss-by-position PNG and a table, and with
+eval.passkey the passkey heatmap PNG and table."""
 
 from __future__ import annotations
 
@@ -6,26 +7,32 @@ import json
 from pathlib import Path
 
 from ithaca.launcher.eval.loss import EvalTotals
-from ithaca.launcher.eval.plots import plot_loss_by_position
+from ithaca.launcher.eval.passkey import PasskeyTable
+from ithaca.launcher.eval.plots import plot_loss_by_position, plot_passkey
 from ithaca.launcher.eval.positions import bucket_bounds
 
 EVAL_JSON = "eval.json"
 PLOT = "loss_by_position.png"
+PASSKEY_PLOT = "passkey.png"
 
 
-def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path | str, batches: int) -> dict:
-    """eval.json's content: what was evaluated, on what, and its losses (per position bucket too)."""
+def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path | str, batches: int,
+                passkey: PasskeyTable | None) -> dict:
+    """eval.json's content: what was evaluated, on what, and its losses (per position bucket too);
+    the passkey table when it was scored."""
     buckets = zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)
-    return {"source": source, "step": step, "eval_data": str(folder), "seq_len": totals.seq_len,
+    return {**({} if passkey is None else {"passkey": passkey.record()}),"source": source, "step": step, "eval_data": str(folder), "seq_len": totals.seq_len,
             "batches": batches, "tokens": totals.tokens, "eval_loss": totals.loss, "eval_ppl": totals.ppl,
             "loss_by_position": [{"first": lo, "last": hi, "tokens": n, "loss": s / n if n else None}
                                  for (lo, hi), s, n in buckets]}
 
 
-def write_report(record: dict, totals: EvalTotals, folder: Path) -> None:
-    """eval.json and the PNG into `folder` (which must exist)."""
+def write_report(record: dict, totals: EvalTotals, passkey: PasskeyTable | None, folder: Path) -> None:
+    """eval.json and the PNGs into `folder` (which must exist)."""
     (folder / EVAL_JSON).write_text(json.dumps(record, indent=1) + "\n")
     plot_loss_by_position({record["step"] or 0: totals.bucket_losses()}, folder / PLOT)
+    if passkey is not None:
+        plot_passkey(passkey.accuracy, record["step"] or 0, folder / PASSKEY_PLOT)
 
 
 def format_table(record: dict) -> str:
@@ -36,3 +43,12 @@ def format_table(record: dict) -> str:
         rows.append(f"{bucket['first']:>6}-{bucket['last']:<6} {bucket['tokens']:>9} {loss:>8}")
     return "\n".join(rows)
 
+
+
+def format_passkey_table(passkey: PasskeyTable) -> str:
+    """Passkey accuracy as aligned text: one row per key depth, one column per prompt length."""
+    depths = sorted({d for _, d in passkey.accuracy})
+    rows = [f"{'depth':>6} " + " ".join(f"{n:>7}" for n in passkey.lengths)]
+    for d in depths:
+        rows.append(f"{d:>5}% " + " ".join(f"{passkey.accuracy[(n, d)]:>7.2f}" for n in passkey.lengths))
+    return "\n".join(rows)

@@ -5,7 +5,10 @@ Rank 0 logs `eval step=N eval_loss=... eval_ppl=... eval_s=...`, sends eval_loss
 eval_loss_pos_<first>_<last> to MLflow at that step, appends the eval to
 <train.output_dir>/eval/history.jsonl and redraws <train.output_dir>/eval/loss_by_position.png from
 that whole file (a resumed run keeps the earlier evals in the picture; a step evaluated again after
-a resume replaces its line).
+a resume replaces its line). With eval.passkey it also scores passkey retrieval
+(launcher/eval/passkey.py), logs `passkey step=N passkey_acc=...` (the mean over cells), sends
+passkey_acc_<length>_<depth> and passkey_ll_<length>_<depth> to MLflow, adds the table to the
+history line and draws <train.output_dir>/eval/passkey.png for that step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.eval.batches import run_batches
 from ithaca.launcher.eval.loss import EvalTotals, evaluate
-from ithaca.launcher.eval.plots import plot_loss_by_position
+from ithaca.launcher.eval.passkey import PasskeyTable, evaluate_passkey, run_prompts
+from ithaca.launcher.eval.plots import plot_loss_by_position, plot_passkey
 from ithaca.launcher.eval.positions import metric_names
 from ithaca.launcher.tracking.tracker import Tracker
 from ithaca.log import get_logger
@@ -55,6 +59,8 @@ class TrainingEval:
         self.folder, self.batches = run_batches(cfg, mesh.dp, mesh.rank("dp"))
         self.history_path = output / "eval" / "history.jsonl"
         self.plot_path = output / "eval" / "loss_by_position.png"
+        self.passkey_plot_path = output / "eval" / "passkey.png"
+        self.prompts = run_prompts(cfg) if cfg.eval.passkey else None
 
     def is_due(self, step: int) -> bool:
         return step % self.cfg.eval.every == 0 or step == self.cfg.train.steps
@@ -62,6 +68,12 @@ class TrainingEval:
     def run(self) -> EvalTotals:
         """One eval now (collective): the totals every rank agrees on."""
         return evaluate(self.engine, self.batches, self.mesh, self.device, self.cfg.eval_seq_len)
+
+    def run_passkey(self) -> PasskeyTable | None:
+        """The passkey table now (collective), or None without eval.passkey."""
+        if self.prompts is None:
+            return None
+        return evaluate_passkey(self.engine, self.cfg, self.prompts, self.mesh, self.device)
 
     def after_step(self, step: int, tracker: Tracker | None) -> EvalTotals | None:
         """The eval when one is due at `step` (collective), logged and tracked on rank 0; else None."""
@@ -71,16 +83,23 @@ class TrainingEval:
         totals = self.run()
         seconds = time.perf_counter() - start
         log.info(f"eval step={step} eval_loss={totals.loss:.4f} eval_ppl={totals.ppl:.2f} eval_s={seconds:.2f}")
+        passkey = self.run_passkey()
+        if passkey is not None:
+            log.info(f"passkey step={step} passkey_acc={passkey.mean_accuracy:.4f}")
         if self.rank == 0:
             if tracker:
-                tracker.log_step(step, {**eval_metrics(totals), "eval_s": seconds})
-            self._record(step, totals)
+                tracker.log_step(step, {**eval_metrics(totals), "eval_s": seconds,
+                                        **({} if passkey is None else passkey.metrics())})
+            self._record(step, totals, passkey)
         return totals
 
-    def _record(self, step: int, totals: EvalTotals) -> None:
+    def _record(self, step: int, totals: EvalTotals, passkey: PasskeyTable | None) -> None:
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"step": step, "eval_loss": totals.loss, "tokens": totals.tokens,
                  "loss_by_position": [[list(b), loss] for b, loss in totals.bucket_losses().items()]}
+        if passkey is not None:
+            entry["passkey"] = passkey.record()
+            plot_passkey(passkey.accuracy, step, self.passkey_plot_path)
         with self.history_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         plot_loss_by_position(read_history(self.history_path), self.plot_path)

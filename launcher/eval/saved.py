@@ -18,16 +18,17 @@ from pathlib import Path
 from ithaca.launcher.checkpoint.store import load_checkpoint
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.eval.loss import EvalTotals
+from ithaca.launcher.eval.passkey import PasskeyTable
 from ithaca.launcher.eval.report import eval_record, write_report
 from ithaca.launcher.eval.run import TrainingEval
 from ithaca.launcher.train.loop import set_up
 
 
 def evaluate_saved(cfg: RunConfig, *, checkpoint: Path | None, source: str,
-                   output: Path) -> tuple[dict, EvalTotals, float]:
+                   output: Path) -> tuple[dict, EvalTotals, PasskeyTable | None, float]:
     """Evaluate the checkpoint folder `checkpoint` (None: the weights `cfg.model.init_from` names)
-    in an initialized torchrun environment. Returns (eval.json's record, the totals, seconds the
-    eval took) on every rank. Raises ValueError for a checkpoint that fails its manifest or is of
+    in an initialized torchrun environment. Returns (eval.json's record, the totals, the passkey
+    table or None without eval.passkey, seconds the eval loss took) on every rank. Raises ValueError for a checkpoint that fails its manifest or is of
     another model shape, and for eval data too short for the eval batches."""
     staging = output.with_name(f".{output.name}.partial")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(staging)))
@@ -42,12 +43,14 @@ def evaluate_saved(cfg: RunConfig, *, checkpoint: Path | None, source: str,
         start = time.perf_counter()
         totals = evaluator.run()
         seconds = time.perf_counter() - start
-        record = eval_record(totals, source=source, step=step, folder=evaluator.folder, batches=cfg.eval.batches)
+        passkey = evaluator.run_passkey()
+        record = eval_record(totals, source=source, step=step, folder=evaluator.folder, batches=cfg.eval.batches,
+                             passkey=passkey)
         if rank == 0:
-            write_report(record, totals, staging)
+            write_report(record, totals, passkey, staging)
             staging.rename(output)
     except BaseException:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    return record, totals, seconds
+    return record, totals, passkey, seconds

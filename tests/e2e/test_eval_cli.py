@@ -69,7 +69,7 @@ def _eval_hf(data: str, hf: str, out: str) -> float:
 
     cfg = load_config("debug-cpu", [f"data.path={data}", f"eval.path={data}", f"model.init_from={hf}",
                                     "parallel.dp=1", *EVAL])
-    _, totals, _ = evaluate_saved(cfg, checkpoint=None, source=hf, output=Path(out))
+    _, totals, _, _ = evaluate_saved(cfg, checkpoint=None, source=hf, output=Path(out))
     return totals.loss
 
 
