@@ -9,7 +9,8 @@ checkpointing, and keeps the fastest that fits (or, when none fits, the smallest
 
 Validated on the CPU (bench/RESULTS.md, plan_check): per-rank memory within 10% and sp bytes equal to
 the counted bytes. Not validated: every step time and tokens/s figure (no GPU run yet; the device
-efficiency 0.4 and link figures are assumptions), and memory on a GPU (bf16, other kernels).
+efficiency 0.4 and link figures are assumptions; linear layers' chunk and state work is not in the FLOP
+count), and memory on a GPU (bf16, other kernels).
 
 Run:  python -m ithaca.bench.scale [--png bench/scale.png] [--gpus 8 64 ...] [--seq-lens 32768 ...]
 """
@@ -44,6 +45,8 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "llama-1b": ("llama-1b-32k", []),
     "gla-1b": ("linear-llama-1b-128k", []),  # every layer gated linear attention, GLA-style
 }
+LINEAR_MODELS = {"gla-1b"}
+"""Models without softmax layers: their series differ by state exchange, not sp method."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,7 @@ class Series:
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.linear_exchange}" if self.model.startswith("gla") else \
-            f"{self.model} {self.sp_method}"
+        return f"{self.model} {self.linear_exchange if self.model in LINEAR_MODELS else self.sp_method}"
 
 
 SERIES = (*(Series("llama-8b", m, "allgather") for m in ("ulysses", "ring", "usp", "allgather")),
