@@ -13,7 +13,8 @@ Layout (all made with iproute2 as root, in about a second, removed by `stop`):
   up on loopback unless it chooses the interface that reaches its peers.
 
 Faults: `cut(i)` / `mend(i)` take node i's port on the bridge down and up again (a partition);
-`delay(i, ms)` adds a netem delay on node i's interface.
+`throttle(i, kbit)` limits what node i sends (a slow link: tc's token bucket filter; netem's delay
+is not used because sch_netem is missing from some kernels, this CI machine's included).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUBNET = "10.233.0"
+THROTTLE_BURST = 16384  # bytes a throttled node may send at full speed before the rate applies
 NETNS_ETC = Path("/etc/netns")
 
 
@@ -63,10 +65,14 @@ class Node:
 
     def interface_bytes(self) -> int:
         """Bytes received plus sent on eth0, the node's only way to the other nodes."""
-        counters = subprocess.run(["ip", "netns", "exec", self.namespace, "cat",
-                                   "/sys/class/net/eth0/statistics/rx_bytes", "/sys/class/net/eth0/statistics/tx_bytes"],
-                                  capture_output=True, text=True, check=True).stdout.split()
-        return sum(int(c) for c in counters)
+        return self._counter("rx_bytes") + self._counter("tx_bytes")
+
+    def sent_bytes(self) -> int:
+        return self._counter("tx_bytes")
+
+    def _counter(self, name: str) -> int:
+        return int(subprocess.run(["ip", "netns", "exec", self.namespace, "cat", f"/sys/class/net/eth0/statistics/{name}"],
+                                  capture_output=True, text=True, check=True).stdout)
 
 
 class NetnsCluster:
@@ -112,9 +118,11 @@ class NetnsCluster:
     def mend(self, node: Node) -> None:
         self._ip("-n", self.switch, "link", "set", self._port(node), "up")
 
-    def delay(self, node: Node, ms: int) -> None:
+    def throttle(self, node: Node, kbit: int) -> None:
+        """What `node` sends goes out at `kbit` kbit/s at most (after THROTTLE_BURST bytes); packets
+        wait in a queue long enough that none is dropped."""
         self._check(["ip", "netns", "exec", node.namespace, "tc", "qdisc", "replace", "dev", "eth0", "root",
-                     "netem", "delay", f"{ms}ms"])
+                     "tbf", "rate", f"{kbit}kbit", "burst", str(THROTTLE_BURST), "latency", "60s"])
 
     @staticmethod
     def _port(node: Node) -> str:
