@@ -1,4 +1,4 @@
-"""Passkey retrieval: the prompts, the scoring on hand-made logits (a copying head reaches 1.0, a
+"""Passkey retrieval: the prompts (byte tokenizer and a tokenizer.json), the scoring on hand-made logits (a copying head reaches 1.0, a
 head that only knows the answer is a digit falls to chance), sp2 equal to one process on the
 whole table of a model at initialization and, on the same two ranks, the vocab-parallel argmax of
 a hand-made head split in two (as under tp2) equal to the whole vocabulary's.
@@ -44,6 +44,29 @@ def test_prompts_hide_the_key_at_each_depth_and_ask_for_it(short_doc_shards):
         at = bytes(window[:length].tolist()).index(f" The pass key is {key}. ".encode())  # bytes: filler has UTF-8
         assert at == round(filler * depth / 100), (length, depth)
         assert (window[length:] == 256).all()  # EOS after the prompt
+
+
+def test_prompts_with_a_tokenizer_json_ask_for_the_keys_tokens(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ithaca.data.tokenizer import HFTokenizer
+    from ithaca.launcher.eval.passkey_prompts import build_prompts
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog 0123456789 12 345 6789"] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = HFTokenizer(tmp_path / "tokenizer.json")
+    filler = tokenizer.encode(" ".join(text))
+    prompts = build_prompts(tokenizer, np.tile(filler, 20), seq_len=SEQ_LEN, samples=2)
+    assert prompts.lengths == [128, 256] and prompts.eos_id == 1
+    for window, answer, (length, _) in zip(prompts.windows, prompts.answer, prompts.cells):
+        key = bpe.decode(window[1:][answer].tolist())
+        asked = bpe.decode(window[:length].tolist())
+        assert len(key) == 5 and key.isdigit() and asked.endswith(f"The pass key is {key}")
+        assert f"The pass key is {key}." in asked and (window[length:] == 1).all()
 
 
 def _hand_made_sums(prompts, copy: float, seed: int = 0) -> torch.Tensor:

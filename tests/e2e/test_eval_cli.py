@@ -1,9 +1,10 @@
 """`ithaca train` with evals, then `ithaca eval` of its checkpoint under another layout, and of
 its Hugging Face export.
 
-Training (dp2) evaluates at steps 2 and 4: the eval line, eval/history.jsonl and the PNG; `ithaca
-eval` reshards the step-4 checkpoint to sp2 ring and gets the training run's step-4 eval loss
-(the same batches, the same weights; fp32 reduction order only). The checkpoint exported as a
+Training (dp2) evaluates at steps 2 and 4: the eval line, eval/history.jsonl and the PNG, with
+passkey retrieval (its metrics and heatmap); `ithaca eval` reshards the step-4 checkpoint to sp2
+ring and gets the training run's step-4 eval loss and passkey table (the same batches and prompts,
+the same weights; fp32 reduction order only). The checkpoint exported as a
 Hugging Face Llama gives that loss too, evaluated by us (`model.init_from`, one rank) and by
 transformers' LlamaForCausalLM on the same windows, one document at a time.
 """
@@ -27,7 +28,7 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     train = run_cli("train", "--config", "debug-cpu", "--set", f"data.path={data}", "--set", "data.seq_len=64",
                     "--set", "train.steps=4", "--set", "train.global_batch=4", "--set", f"train.output_dir={out}",
                     "--set", "eval.every=2", "--set", f"eval.path={data}", "--set", "eval.seq_len=256",
-                    "--set", "eval.batches=1")
+                    "--set", "eval.batches=1", "--set", "eval.passkey=true", "--set", "eval.passkey_samples=1")
     assert train.returncode == 0, failure_text(train.stderr + train.stdout)
     lines = re.findall(r"eval step=(\d+) eval_loss=([\d.]+) eval_ppl=[\d.]+ eval_s=[\d.]+", train.stderr + train.stdout)
     assert [step for step, _ in lines] == ["2", "4"]
@@ -36,6 +37,8 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     assert (out / "eval" / "loss_by_position.png").read_bytes()[:8] == PNG
     journal = "".join(p.read_text() for p in (out / "tracking").glob("*.jsonl"))
     assert '"eval_loss_pos_128_255"' in journal and '"eval_ppl"' in journal  # MLflow gets them
+    assert '"passkey_acc_256_50"' in journal and '"passkey_ll_128_0"' in journal
+    assert (out / "eval" / "passkey.png").read_bytes()[:8] == PNG
 
     report = tmp_path / "eval"
     done = run_cli("eval", "--checkpoint", str(out / "checkpoints"), "--output", str(report),
@@ -48,6 +51,14 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     assert record["eval_loss"] == pytest.approx(history[1]["eval_loss"], rel=1e-5)
     assert [b["first"] for b in record["loss_by_position"]] == [0, 128]
     assert (report / "loss_by_position.png").read_bytes()[:8] == PNG
+    # passkey: the same prompts and weights under sp2 ring give training's (dp2) step-4 table
+    assert re.search(r"^passkey passkey_acc=[\d.]+ ", done.stdout, re.M)
+    assert (report / "passkey.png").read_bytes()[:8] == PNG
+    trained, got = history[1]["passkey"], record["passkey"]
+    assert got["lengths"] == [128, 256] and len(got["cells"]) == 10
+    assert [c["accuracy"] for c in got["cells"]] == [c["accuracy"] for c in trained["cells"]]
+    assert [c["log_likelihood"] for c in got["cells"]] == pytest.approx(
+        [c["log_likelihood"] for c in trained["cells"]], rel=1e-5)
 
     hf = tmp_path / "hf"
     from ithaca.launcher.checkpoint.export import export_checkpoint

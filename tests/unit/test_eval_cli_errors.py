@@ -40,6 +40,8 @@ def test_bad_inputs_get_one_line_and_write_nothing(capsys, tmp_path, short_doc_s
          "hidden_size=96 but model.dim=64"),
         (("--checkpoint", str(checkpoint), "--set", data, "--set", f"eval.path={short_doc_shards}", "--set",
           "eval.batches=100000"), 1, "fewer than the"),
+        (("--checkpoint", str(checkpoint), "--set", data, "--set", f"eval.path={short_doc_shards}", "--set",
+          "eval.passkey=true", "--set", "eval.seq_len=64"), 2, "eval.passkey=True: eval.seq_len=64 is shorter than"),
     ]
     (tmp_path / "hf").mkdir()
     other = LlamaArgs(vocab_size=320, dim=96, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
