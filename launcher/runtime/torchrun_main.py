@@ -50,20 +50,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_failure(rank: int, exitcode: int, pid: int, checkpoint_dir: Path | None) -> str:
-    """One line: which rank died, how, and what a resume would continue from."""
+def describe_failure(rank: int, exitcode: int, pid: int, checkpoint_dir: Path | None,
+                     stopped: str = "the job stopped") -> str:
+    """One line: which rank died, how, what `stopped`, and what a resume would continue from."""
     how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
     from ithaca.launcher.checkpoint.format import LATEST
 
     if checkpoint_dir is None:
-        return f"ithaca: rank {rank} (pid {pid}) {how}, and the job stopped"
+        return f"ithaca: rank {rank} (pid {pid}) {how}, and {stopped}"
     pointer = checkpoint_dir / LATEST
     if pointer.is_file():
         resume = (f"the last complete checkpoint is {checkpoint_dir / pointer.read_text().strip()}; continue "
                   "from it with --resume auto")
     else:
         resume = f"no checkpoint was completed in {checkpoint_dir}: a new run starts from step 0"
-    return f"ithaca: rank {rank} (pid {pid}) {how}, and the job stopped; {resume}"
+    return f"ithaca: rank {rank} (pid {pid}) {how}, and {stopped}; {resume}"
 
 
 def _failure_code(pid: int) -> int | None:
@@ -128,9 +129,9 @@ class FailedRankGuard:
                     self._stop_node(self._ranks[child.pid], code, child.pid)
 
     def _stop_node(self, rank: int, code: int, pid: int) -> None:
-        print(f"{describe_failure(rank, code, pid, self._checkpoint_dir)} (torchrun's agent on "
-              f"{socket.gethostname()} has waited {self._limit:g} s on the rendezvous store without acting on it: "
-              "the store is out of reach; this node's processes are stopped)", file=sys.stderr, flush=True)
+        stopped = (f"this node's processes are stopped (torchrun's agent on {socket.gethostname()} waited "
+                   f"{self._limit:g} s on the rendezvous store, out of reach, without acting on it)")
+        print(describe_failure(rank, code, pid, self._checkpoint_dir, stopped), file=sys.stderr, flush=True)
         left = psutil.Process().children(recursive=True)
         for process in left:
             try:

@@ -28,7 +28,7 @@ from netns_cluster import THROTTLE_BURST, NetnsCluster, unavailable_reason
 from test_train_cli import common_args
 
 COLLECTIVE_TIMEOUT = 10
-RATE_KBIT = 8000  # about 1 s a step: node 2 sends ~0.9 MB in each (ZeRO gradient and parameter shards)
+RATE_KBIT = 4000  # 1-2 s a step: node 2 sends 0.45-0.9 MB in each (measured; ZeRO gradient and parameter shards)
 SLOW_FROM = 5  # the throttle is set once step 3 is logged: step 4 may have begun before it
 CHECKPOINT_EVERY = 8
 SLACK = 30  # start-up of an exception's exit, a loaded machine
@@ -123,15 +123,16 @@ def test_a_slow_link_trains_on_and_a_cut_one_stops_every_process_of_both_nodes(c
           f"(node 2 sent {sent} bytes: {needed:.1f} s at that rate); after the cut node 1 stopped in "
           f"{node1_stopped:.0f} s, node 2 in {node2_stopped:.0f} s")
     # the steps report the time the slow link took: the bytes cannot have gone faster than the rate
-    assert sum(slow) >= needed > 1, (seconds, sent)
+    assert sum(slow) >= needed > 2, (seconds, sent)
     last = checkpoints / (checkpoints / "latest").read_text().strip()
     assert nodes[0].returncode == 1, failure_text(texts[0])
     assert re.search(rf"ithaca: rank 0 \(pid \d+\) exited with code 1, and the job stopped; the last complete "
                      rf"checkpoint is {re.escape(str(last))};", texts[0]), failure_text(texts[0])
     assert "Timed out waiting" in texts[0], failure_text(texts[0])  # gloo's collective_timeout, not the watchdog
     assert nodes[1].returncode == 1, failure_text(texts[1])
-    assert re.search(rf"ithaca: rank 1 \(pid \d+\) exited with code 1, and the job stopped; the last complete "
-                     rf"checkpoint is {re.escape(str(last))}; .*torchrun's agent on node2 has waited",
+    assert re.search(rf"ithaca: rank 1 \(pid \d+\) exited with code 1, and this node's processes are stopped "
+                     rf"\(torchrun's agent on node2 waited {AGENT_STUCK_SECONDS:g} s on the rendezvous store, out of "
+                     rf"reach, without acting on it\); the last complete checkpoint is {re.escape(str(last))};",
                      texts[1]), failure_text(texts[1])
     for node in cluster.nodes:
         assert namespace_pids(node.namespace) == [], f"processes left in {node.hostname}"
