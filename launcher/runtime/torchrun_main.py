@@ -1,7 +1,7 @@
 """torchrun as Ithaca starts it (from `ithaca train` and from SLURM jobs):
 `python -m ithaca.launcher.runtime.torchrun_main [--checkpoint-dir DIR] [--parent-pid PID] -- TORCHRUN_ARGS...`
 
-Two things over plain `torch.distributed.run`:
+Three things over plain `torch.distributed.run`:
 - with --parent-pid it dies with its parent (`ithaca train`): killed outright, that parent would
   otherwise leave torchrun and its ranks training on. The parent-death signal is SIGTERM, which
   torchrun hands to its ranks: they checkpoint at the step boundary and stop.
