@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ithaca.launcher.eval.loss import EvalTotals
-from ithaca.launcher.eval.passkey import PasskeyTable
+from ithaca.launcher.eval.passkey_table import PasskeyTable
 from ithaca.launcher.eval.plots import plot_loss_by_position, plot_passkey
 from ithaca.launcher.eval.positions import bucket_bounds
 

@@ -23,7 +23,8 @@ import torch
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.eval.batches import run_batches
 from ithaca.launcher.eval.loss import EvalTotals, evaluate
-from ithaca.launcher.eval.passkey import PasskeyTable, evaluate_passkey, run_prompts
+from ithaca.launcher.eval.passkey import evaluate_passkey, run_prompts
+from ithaca.launcher.eval.passkey_table import PasskeyTable
 from ithaca.launcher.eval.plots import plot_loss_by_position, plot_passkey
 from ithaca.launcher.eval.positions import metric_names
 from ithaca.launcher.tracking.tracker import Tracker

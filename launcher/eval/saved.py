@@ -18,7 +18,7 @@ from pathlib import Path
 from ithaca.launcher.checkpoint.store import load_checkpoint
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.eval.loss import EvalTotals
-from ithaca.launcher.eval.passkey import PasskeyTable
+from ithaca.launcher.eval.passkey_table import PasskeyTable
 from ithaca.launcher.eval.report import eval_record, write_report
 from ithaca.launcher.eval.run import TrainingEval
 from ithaca.launcher.train.loop import set_up

@@ -86,7 +86,7 @@ def _hand_made_sums(prompts, copy: float, seed: int = 0) -> torch.Tensor:
 
 
 def test_scoring_reaches_one_for_a_copying_head_and_falls_to_chance(short_doc_shards, tmp_path):
-    from ithaca.launcher.eval.passkey import passkey_table
+    from ithaca.launcher.eval.passkey_table import passkey_table
     from ithaca.launcher.eval.plots import plot_passkey
 
     prompts = _prompts(str(short_doc_shards))
