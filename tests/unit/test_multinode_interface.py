@@ -9,10 +9,14 @@ import pytest
 
 from ithaca.launcher.runtime.network_interface import choose_interface, interface_of, route_source
 
+GLOO_BEFORE = os.environ.get("GLOO_SOCKET_IFNAME")
+
 
 def test_the_interface_is_the_one_routing_to_the_rendezvous_host(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "localhost")
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # Set (empty: not chosen), not deleted: monkeypatch then removes the variable the choice writes below;
+    # left in this process it reached the namespace nodes a later test started, whose gloo bound to lo.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
     monkeypatch.delenv("GROUP_WORLD_SIZE", raising=False)
     assert route_source("localhost") == "127.0.0.1"
     choose_interface("gloo", None)
@@ -24,6 +28,10 @@ def test_the_users_interface_variable_wins(monkeypatch):
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
     choose_interface("nccl", None)
     assert os.environ["NCCL_SOCKET_IFNAME"] == "ib0"
+
+
+def test_the_chosen_interface_does_not_outlive_the_test_that_chose_it():
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == GLOO_BEFORE  # the first test's choice was undone
 
 
 def test_an_address_no_interface_holds_is_refused_naming_the_variable():
