@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from ithaca.launcher.runtime.process_lifetime import die_with_parent
+from ithaca.launcher.runtime.supervisor import kill_descendants
 
 FAILED = 1
 # A healthy agent collects a failed rank within its monitor interval (0.1 s) and one store call;
@@ -132,13 +133,7 @@ class FailedRankGuard:
         stopped = (f"this node's processes are stopped (torchrun's agent on {socket.gethostname()} waited "
                    f"{self._limit:g} s on the rendezvous store, out of reach, without acting on it)")
         print(describe_failure(rank, code, pid, self._checkpoint_dir, stopped), file=sys.stderr, flush=True)
-        left = psutil.Process().children(recursive=True)
-        for process in left:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        kill_descendants()
         os._exit(FAILED)
 
 
