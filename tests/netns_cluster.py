@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,20 @@ class NetnsCluster:
         if done.returncode != 0:
             self.stop()
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+
+
+def started_cluster(nodes: int, **kwargs) -> Iterator[NetnsCluster]:
+    """A module fixture's body: a started cluster of `nodes`, stopped afterwards; the tests skip,
+    printing why, where no namespace can be made."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"no namespace cluster: {reason}")
+        pytest.skip(reason)
+    cluster = NetnsCluster(nodes, **kwargs)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

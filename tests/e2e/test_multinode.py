@@ -27,7 +27,7 @@ import pytest
 from conftest import failure_text, run_cli
 from ithaca.bench.rendezvous import free_port
 from ithaca.launcher.train.check import LOSS_RTOL, relative_difference
-from netns_cluster import NetnsCluster, unavailable_reason
+from netns_cluster import NetnsCluster, started_cluster
 from test_train_cli import common_args, loss_history, mlflow_runs
 
 STEPS = 8
@@ -36,16 +36,7 @@ STREAMS = 2  # dp x data.workers in every run here, so all read the same batches
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = unavailable_reason()
-    if reason:
-        print(f"no namespace cluster: {reason}")
-        pytest.skip(reason)
-    cluster = NetnsCluster(3)  # node3 serves shards
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from started_cluster(3)  # node3 serves shards
 
 
 @pytest.fixture(scope="module")

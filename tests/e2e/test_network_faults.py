@@ -24,7 +24,7 @@ import pytest
 from conftest import failure_text
 from ithaca.bench.rendezvous import free_port
 from ithaca.launcher.runtime.torchrun_main import AGENT_STUCK_SECONDS
-from netns_cluster import THROTTLE_BURST, NetnsCluster, unavailable_reason
+from netns_cluster import THROTTLE_BURST, started_cluster
 from test_train_cli import common_args
 
 COLLECTIVE_TIMEOUT = 10
@@ -36,16 +36,7 @@ SLACK = 30  # start-up of an exception's exit, a loaded machine
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = unavailable_reason()
-    if reason:
-        print(f"no namespace cluster: {reason}")
-        pytest.skip(reason)
-    cluster = NetnsCluster(2, tag=f"nf{os.getpid()}")
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from started_cluster(2, tag=f"nf{os.getpid()}")
 
 
 class Output:
