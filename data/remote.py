@@ -47,6 +47,12 @@ def is_remote(location: str | Path) -> bool:
     return location_text(location).startswith(SCHEMES)
 
 
+def shard_folder(location: str | Path) -> str | Path:
+    """A shard folder as the readers take it: a remote one as its text (a `Path` would fold a URL's
+    `//`), a local one as a `Path`."""
+    return location_text(location) if is_remote(location) else Path(location)
+
+
 def file_address(location: str | Path, name: str) -> str:
     """Where file `name` of a remote shard folder is read from: its URL, or `pipe:` and the command."""
     text = location_text(location)

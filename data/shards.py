@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ithaca.data.remote import is_remote, location_text, read_remote
+from ithaca.data.remote import is_remote, location_text, read_remote, shard_folder
 
 MANIFEST = "manifest.json"
 FORMAT = "ithaca-shards/1"
@@ -51,7 +51,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     """Read and check a shard folder's manifest (not its shards); raises ValueError naming what is wrong.
     `folder` may be remote (data/remote.py): the manifest is read from the same place."""
     text = _remote_manifest_text(folder) if is_remote(folder) else _local_manifest_text(Path(folder))
-    folder = location_text(folder) if is_remote(folder) else Path(folder)
+    folder = shard_folder(folder)
     try:
         raw = json.loads(text)
         manifest = Manifest(tokenizer=raw["tokenizer"], shards=[ShardInfo(**s) for s in raw["shards"]],

@@ -16,7 +16,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from ithaca.data.remote import is_remote
+from ithaca.data.remote import shard_folder
 from ithaca.data.shard_reader import ShardError, read_shard
 from ithaca.data.shards import Manifest
 from ithaca.data.split import Segment, document_order, stream_segments
@@ -41,8 +41,7 @@ class DatasetStream:
 
     def __init__(self, folder: Path | str, manifest: Manifest, *, stream: int, n_streams: int, seq_len: int,
                  seed: int, shuffle: bool, on_error: Literal["raise", "skip"], state: dict | None = None):
-        # a remote folder (data/remote.py) is kept as given: Path() would fold a URL's "//"
-        self.folder, self.manifest = folder if is_remote(folder) else Path(folder), manifest
+        self.folder, self.manifest = shard_folder(folder), manifest
         self.stream, self.n_streams, self.seq_len = stream, n_streams, seq_len
         self.seed, self.shuffle, self.on_error = seed, shuffle, on_error
         self.eos = np.array([manifest.tokenizer["eos_id"]], dtype=np.int64)

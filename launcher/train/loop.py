@@ -30,6 +30,7 @@ import yaml
 
 from ithaca.data.batch import Batch
 from ithaca.data.loader import PackedLoader, Source
+from ithaca.data.remote import shard_folder
 from ithaca.launcher.checkpoint.reshard import checkpoint_facts
 from ithaca.launcher.checkpoint.store import load_checkpoint, save_checkpoint
 from ithaca.launcher.config.schema import RunConfig
@@ -254,7 +255,7 @@ def build_loader(cfg: RunConfig, mesh: ParallelMesh, states: list[dict] | None) 
     """This rank's loader; `states` (one per dp rank of the run that saved them, from a checkpoint) continue
     where they stopped, under this run's dp x data.workers whatever theirs was (data/resplit.py)."""
     d = cfg.data
-    return PackedLoader([Source(Path(p), w) for p, w in d.sources.items()], seq_len=d.seq_len,
+    return PackedLoader([Source(shard_folder(p), w) for p, w in d.sources.items()], seq_len=d.seq_len,
                         micro_batch=cfg.train.micro_batch, grad_accum=cfg.grad_accum_steps, dp=mesh.dp,
                         dp_rank=mesh.rank("dp"), workers=d.workers, seed=cfg.train.seed, shuffle=d.shuffle,
                         on_error=d.on_error, document_mask=d.document_mask, state=states)
