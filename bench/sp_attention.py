@@ -7,7 +7,7 @@ decay on the same q, k, v, contiguous, its states all-gathered or scanned; "delt
 delta rule with the same decay, L2-normed k and sigmoid beta, contiguous, its (A, B) pairs
 all-gathered or its states scanned), after a warm-up, the methods interleaved over repeats; it
 prints the median time, the ratio to Ulysses, and the most bytes any rank sent (counted at
-torch.distributed) beside the formula for them:
+torch.distributed) beside the formula for them (computed by launcher/plan/traffic.py, which `ithaca plan` uses):
 
     Ulysses  2 passes x (2h + 2h_kv') * b*(N/P)*d * (P-1)/P elements      (h_kv' = max(h_kv, P))
     ring     forward (P-1) * 2*b*(N/P)*h_kv*d; backward the same again plus P * 2*b*(N/P)*h_kv*d
@@ -39,28 +39,27 @@ import torch.multiprocessing as mp
 
 from ithaca.bench.header import bench_header
 from ithaca.bench.rendezvous import free_port
+from ithaca.launcher.plan.traffic import (LayerShape, ring_part_bytes, scan_bytes, state_allgather_bytes,
+                                          ulysses_bytes, usp_inner_shape)
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
 
 def _bytes_formula(method: str, n: int, world: int, ring: int, elem: int) -> int:
-    s = n // world
-    if method == "lasp2":
-        return 2 * (world - 1) * HEADS * (HEAD_DIM * HEAD_DIM + 1) * 4
-    if method == "delta":
-        return 2 * (world - 1) * HEADS * HEAD_DIM * (HEAD_DIM + HEAD_DIM) * 4
-    if method in ("lasp2-scan", "delta-scan"):
-        return min(world - 1, 2) * HEADS * HEAD_DIM * HEAD_DIM * 4
-    if method == "ulysses":
-        kv = max(KV_HEADS, world)
-        return 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (world - 1) // world * elem
-    ulysses = world // ring
-    ulysses_bytes = 0
-    if ulysses > 1:
-        kv = max(KV_HEADS, ulysses)
-        ulysses_bytes = 2 * (2 * HEADS + 2 * kv) * s * HEAD_DIM * (ulysses - 1) // ulysses * elem
-    block = 2 * s * ulysses * (max(KV_HEADS, ulysses) // ulysses) * HEAD_DIM  # k and v of one ring block
-    return ulysses_bytes + 2 * (ring - 1) * block * elem + ring * block * 4
+    """The most bytes any rank sends in the layer's forward + backward, by launcher/plan/traffic.py."""
+    x = LayerShape(b=1, n=n, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, elem=elem)
+    if method in ("lasp2", "delta"):
+        sends = [state_allgather_bytes(x, world, ring=1, kind="L" if method == "lasp2" else "D")]
+    elif method in ("lasp2-scan", "delta-scan"):
+        sends = scan_bytes(x, world, ring=1)
+    elif method == "ulysses":
+        sends = [ulysses_bytes(x, world)]
+    else:  # ring, or usp: Ulysses over world // ring ranks inside each ring rank's group first
+        ulysses = world // ring
+        inner = [ulysses_bytes(usp_inner_shape(x, ring), ulysses)] if ulysses > 1 else []
+        sends = inner + [ring_part_bytes(x, world, ring, document_mask=False)]
+        return sum(part.total(recomputed=False) for part in sends)
+    return max(part.total(recomputed=False) for part in sends)
 
 
 def _methods(world: int) -> dict[str, int]:
