@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ithaca.launcher.config.schema import RunConfig
+from ithaca.launcher.runtime.extension_build_lock import clear_stale_build_lock
 from ithaca.launcher.runtime.supervisor import run_owned
 
 
@@ -24,5 +25,6 @@ def start_torchrun(cfg: RunConfig, nproc: int, ithaca_argv: list[str], *, max_re
            "-m", "ithaca", *ithaca_argv]
     # PYTHONSAFEPATH: torchrun starts the ranks with `-m`, which would put the working directory first on
     # sys.path, and a checkout's kernels/, data/, models/ would shadow installed packages of those names.
+    clear_stale_build_lock()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
     return run_owned(cmd, env, grace=cfg.train.step_timeout)
