@@ -181,6 +181,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError("--max-restarts", args.max_restarts, "use 0 (no restarts) or more")
     cfg = load_config(args.config, args.overrides)
     check_kernels_here(cfg)
+    from ithaca.launcher.runtime.network_interface import use_configured_interface
+
+    use_configured_interface(cfg.train.network_interface)  # here (exit 2 before any process starts) and in each rank
     from ithaca.launcher.checkpoint.format import LATEST
 
     has_checkpoint = (cfg.checkpoint_dir / LATEST).is_file()

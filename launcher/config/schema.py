@@ -169,6 +169,10 @@ class TrainConfig:
     """Seconds one step (the first one's compilation included) may take before the rank's
     watchdog names the step and the call it is stuck in, and stops the rank
     (launcher/runtime/watchdog.py)."""
+    network_interface: str = ""
+    """The network interface (e.g. eth0, ib0) every rank's gloo and NCCL bind to: it sets
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, over any value they had; every node must have it.
+    Empty: the interface that routes to the rendezvous host (launcher/runtime/network_interface.py)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "max_skipped"):

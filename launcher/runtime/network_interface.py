@@ -6,7 +6,8 @@ listen on loopback, where the other nodes cannot reach them, and the first colle
 The interface is therefore chosen from the rendezvous host (MASTER_ADDR): the local interface
 that routes to it. On the rendezvous host itself that name resolves to loopback too, so there the
 address the other nodes resolve it to is used, which each node publishes in the job's store.
-GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when set, are used as they are.
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when set, are used as they are; the config's
+`train.network_interface` sets both (`use_configured_interface`, before any process group starts).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import struct
 
 import torch.distributed as dist
 
+from ithaca.launcher.config.schema import ConfigError
 from ithaca.log import get_logger
 
 log = get_logger(__name__, all_ranks=True)
@@ -52,6 +54,21 @@ def interface_of(address: str) -> str:
             return name
     raise ValueError(f"no local interface holds {address}; set GLOO_SOCKET_IFNAME (or NCCL_SOCKET_IFNAME) to the "
                      "interface that reaches the other nodes")
+
+
+def use_configured_interface(name: str) -> None:
+    """Bind gloo and NCCL to the interface `name` (train.network_interface) by setting both variables,
+    which the ranks this process starts inherit; nothing when `name` is empty.
+
+    Raises ConfigError naming the interfaces this node has when `name` is not one of them."""
+    if not name:
+        return
+    here = [interface for _, interface in socket.if_nameindex()]
+    if name not in here:
+        raise ConfigError("train.network_interface", name,
+                          f"{socket.gethostname()} has no such interface (it has {', '.join(here)}); name one of "
+                          "them, or leave it empty to use the one that routes to the rendezvous host")
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = name
 
 
 def choose_interface(backend: str, store: dist.Store | None) -> None:

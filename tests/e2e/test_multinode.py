@@ -108,9 +108,11 @@ def test_dp2_by_sp2_with_ulysses_inside_each_node_on_shards_over_http_follows_on
         cluster, one_process, debug_shards, shard_server, tmp_path):
     outputs, link_bytes = train_on_two_nodes(cluster, shard_server, tmp_path, 2, "--set", "parallel.dp=2",
                                              "--set", "parallel.sp=2", "--set", "parallel.sp_method=ulysses",
-                                             "--set", "data.workers=1")
+                                             "--set", "data.workers=1", "--set", "train.network_interface=eth0")
     # the same batches as the local shards gave the one process, through the cut downloads
     assert_follows(loss_history(tmp_path), one_process)
+    for output in outputs:  # the configured interface, logged once a node
+        assert re.findall(r"network: (.*)", output) == ["gloo binds to eth0 (GLOO_SOCKET_IFNAME is set)"], output[-3000:]
     assert re.search(rf"data: reading {shard_server}/\S+ failed \(IncompleteRead", "".join(outputs)), outputs[0][-3000:]
     assert link_bytes > 100_000, link_bytes  # the dp gradient all-reduce crosses nodes
 
