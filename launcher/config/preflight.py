@@ -27,6 +27,27 @@ def preflight(cfg: RunConfig, world_size: int, resume: str | None = None) -> Non
     if cfg.model.vocab_size < vocab:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"the shards' tokenizer has {vocab} ids; use at least {vocab}")
+    if cfg.eval.every is not None:
+        check_eval_data(cfg)
+
+
+def check_eval_data(cfg: RunConfig) -> None:
+    """The eval data that eval.metrics needs: its folder (eval.path, else data.path's holdout) with a
+    readable manifest, enough tokens for the eval windows (loss, positions), and passkey prompts that
+    fit eval.seq_len (passkey). Raises ConfigError or ValueError naming the fix."""
+    from ithaca.launcher.eval.batches import eval_folder, eval_windows, scores_windows
+    from ithaca.launcher.eval.passkey_prompts import run_prompts
+
+    folder = eval_folder(cfg)
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as err:  # its message starts with "data.path=...: "
+        where = "" if cfg.eval.path is not None else f"the holdout of data.path, {folder}: "
+        raise ConfigError("eval.path", cfg.eval.path, where + str(err).partition(": ")[2]) from None
+    if scores_windows(cfg):
+        eval_windows(folder, manifest, cfg.eval_seq_len, cfg.eval.batches * cfg.train.global_batch)
+    if "passkey" in cfg.eval.metrics:
+        run_prompts(cfg, folder)
 
 
 def check_kernels_here(cfg: RunConfig) -> None:

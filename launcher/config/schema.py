@@ -235,12 +235,15 @@ class EvalConfig:
     `ithaca prep --holdout` wrote beside data.path."""
     seq_len: int | None = None
     """Tokens per eval window; omitted means data.seq_len."""
-    passkey: bool = False
-    """Also score passkey retrieval at each eval (launcher/eval/passkey.py): a key of 5 digits hidden
-    at depths 0, 25, 50, 75 and 100 % of filler from the eval data, in prompts of powers-of-two
-    lengths up to eval.seq_len, answered teacher-forced; logged as passkey_acc_<length>_<depth>
-    (share of keys whose every token is the argmax) and passkey_ll_<length>_<depth> (the key
-    tokens' mean log-likelihood), with a heatmap PNG. A tokenizer.json eval set needs data.tokenizer."""
+    metrics: tuple[Literal["loss", "positions", "passkey"], ...] = ("loss", "positions")
+    """What each eval scores, one or more of: loss (eval_loss and eval_ppl, the `eval step=N ...`
+    line), positions (the loss by position in the document: eval_loss_pos_<first>_<last> and
+    loss_by_position.png; the same forward pass as loss), passkey (passkey retrieval,
+    launcher/eval/passkey.py: a key of 5 digits hidden at depths 0, 25, 50, 75 and 100 % of filler
+    from the eval data, in prompts of powers-of-two lengths up to eval.seq_len, answered
+    teacher-forced; logged as passkey_acc_<length>_<depth> (share of keys whose every token is the
+    argmax) and passkey_ll_<length>_<depth> (the key tokens' mean log-likelihood), with a heatmap
+    PNG; a tokenizer.json eval set needs data.tokenizer). E.g. [loss, positions, passkey]."""
     passkey_samples: int = 4
     """Passkey prompts (each its own key and filler) per length and depth."""
 
@@ -249,6 +252,9 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < (2 if name == "seq_len" else 1):
                 raise ConfigError(f"eval.{name}", value, "use 1 or more (seq_len: 2 or more), or omit it")
+        if not self.metrics or len(set(self.metrics)) < len(self.metrics):
+            raise ConfigError("eval.metrics", list(self.metrics), "list each of loss, positions, passkey at most "
+                              "once, and at least one of them")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,8 +28,7 @@ log = get_logger(__name__)
 
 def eval_folder(cfg: RunConfig) -> Path | str:
     """The folder to evaluate on: eval.path (a local folder or, as data.path, a URL), else the holdout
-    `ithaca prep --holdout` recorded in data.path's manifest (said once in the log). Raises
-    ConfigError when there is neither."""
+    `ithaca prep --holdout` recorded in data.path's manifest. Raises ConfigError when there is neither."""
     if cfg.eval.path is not None:
         return location_text(cfg.eval.path) if is_remote(cfg.eval.path) else Path(cfg.eval.path)
     if cfg.data.path is None:
@@ -38,10 +37,19 @@ def eval_folder(cfg: RunConfig) -> Path | str:
     if holdout is None:
         raise ConfigError("eval.path", None, f"data.path={cfg.data.path!r} was prepped without a holdout; prep it "
                           "with `ithaca prep --holdout N`, or name eval shards with eval.path")
-    folder = _inside(cfg.data.path, holdout["path"])
-    log.info(f"eval: eval.path not set, evaluating on the holdout of data.path ({folder}, "
-             f"{holdout['documents']} documents)")
-    return folder
+    return _inside(cfg.data.path, holdout["path"])
+
+
+def scores_windows(cfg: RunConfig) -> bool:
+    """Whether eval.metrics needs the forward pass over the eval windows (loss or positions)."""
+    return bool({"loss", "positions"} & set(cfg.eval.metrics))
+
+
+def say_eval_folder(cfg: RunConfig, folder: Path | str) -> None:
+    """Log, once per eval set-up, that the eval uses data.path's holdout when eval.path is not set."""
+    if cfg.eval.path is None:
+        documents = read_manifest(cfg.data.path).holdout["documents"]
+        log.info(f"eval: eval.path not set, evaluating on the holdout of data.path ({folder}, {documents} documents)")
 
 
 def _inside(location: str, name: str) -> Path | str:
@@ -86,12 +94,11 @@ def rank_batches(windows: torch.Tensor, *, batches: int, global_batch: int, micr
     return out
 
 
-def run_batches(cfg: RunConfig, dp: int, dp_rank: int) -> tuple[Path | str, list[list[Batch]]]:
-    """(the eval folder, this dp rank's eval micro-batches) for the run `cfg`."""
-    folder = eval_folder(cfg)
+def run_batches(cfg: RunConfig, folder: Path | str, dp: int, dp_rank: int) -> list[list[Batch]]:
+    """This dp rank's eval micro-batches of the eval data in `folder` for the run `cfg`."""
     manifest = read_manifest(folder)
     t = cfg.train
     windows = eval_windows(folder, manifest, cfg.eval_seq_len, cfg.eval.batches * t.global_batch)
     eos_id = manifest.tokenizer["eos_id"] if cfg.data.document_mask else None
-    return folder, rank_batches(windows, batches=cfg.eval.batches, global_batch=t.global_batch,
-                                micro_batch=t.micro_batch, dp=dp, dp_rank=dp_rank, eos_id=eos_id)
+    return rank_batches(windows, batches=cfg.eval.batches, global_batch=t.global_batch,
+                        micro_batch=t.micro_batch, dp=dp, dp_rank=dp_rank, eos_id=eos_id)

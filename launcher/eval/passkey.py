@@ -17,23 +17,12 @@ import torch
 import torch.distributed as dist
 
 from ithaca.data.batch import Batch
-from ithaca.data.shards import read_manifest
 from ithaca.launcher.config.schema import RunConfig
 from ithaca.launcher.eval.answer_logits import recording_hits
-from ithaca.launcher.eval.batches import eval_folder
 from ithaca.launcher.eval.loss import pipeline_losses
-from ithaca.launcher.eval.passkey_prompts import PasskeyPrompts, build_prompts, filler_tokens, passkey_tokenizer
+from ithaca.launcher.eval.passkey_prompts import PasskeyPrompts
 from ithaca.launcher.eval.passkey_table import PasskeyTable, passkey_table
 from ithaca.parallel.mesh import ParallelMesh
-
-
-def run_prompts(cfg: RunConfig) -> PasskeyPrompts:
-    """The run's passkey prompts (the same on every rank). Raises ConfigError or ValueError naming the fix."""
-    folder = eval_folder(cfg)
-    manifest = read_manifest(folder)
-    seq_len = cfg.eval_seq_len
-    return build_prompts(passkey_tokenizer(cfg, manifest), filler_tokens(folder, manifest, 4 * seq_len),
-                         seq_len=seq_len, samples=cfg.eval.passkey_samples)
 
 
 def rank_prompt_batches(prompts: PasskeyPrompts, *, global_batch: int, micro_batch: int, dp: int, dp_rank: int,

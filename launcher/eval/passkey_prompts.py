@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ithaca.data.shard_reader import read_shard
-from ithaca.data.shards import Manifest
+from ithaca.data.shards import Manifest, read_manifest
 from ithaca.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from ithaca.launcher.config.schema import ConfigError, RunConfig
 
@@ -52,7 +52,7 @@ def passkey_tokenizer(cfg: RunConfig, manifest: Manifest) -> Tokenizer:
     if manifest.tokenizer["kind"] == "byte":
         return ByteTokenizer()
     if cfg.data.tokenizer is None:
-        raise ConfigError("eval.passkey", True, "the eval shards were prepped with a tokenizer.json; set "
+        raise ConfigError("eval.metrics", "passkey", "the eval shards were prepped with a tokenizer.json; set "
                           "data.tokenizer to its path so that the prompts are tokenized as the shards were")
     return load_tokenizer(cfg.data.tokenizer)
 
@@ -67,7 +67,7 @@ def passkey_lengths(fixed_tokens: int, seq_len: int) -> list[int]:
         lengths.append(length)
         length *= 2
     if not lengths:
-        raise ConfigError("eval.passkey", True, f"eval.seq_len={seq_len} is shorter than the shortest passkey "
+        raise ConfigError("eval.metrics", "passkey", f"eval.seq_len={seq_len} is shorter than the shortest passkey "
                           f"prompt ({shortest} tokens); raise eval.seq_len")
     return lengths
 
@@ -115,3 +115,12 @@ def build_prompts(tokenizer: Tokenizer, filler: np.ndarray, *, seq_len: int, sam
                 cells.append((length, depth))
     return PasskeyPrompts(windows=torch.from_numpy(np.stack(windows)), answer=torch.from_numpy(np.stack(answers)),
                           cells=cells, lengths=lengths, eos_id=tokenizer.eos_id)
+
+
+def run_prompts(cfg: RunConfig, folder: Path | str) -> PasskeyPrompts:
+    """The run's passkey prompts from the eval data in `folder` (the same on every rank). Raises
+    ConfigError or ValueError naming the fix."""
+    manifest = read_manifest(folder)
+    seq_len = cfg.eval_seq_len
+    return build_prompts(passkey_tokenizer(cfg, manifest), filler_tokens(folder, manifest, 4 * seq_len),
+                         seq_len=seq_len, samples=cfg.eval.passkey_samples)

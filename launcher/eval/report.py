@@ -1,5 +1,5 @@
-"""What `ithaca eval` hands its user: eval.json, the loss-by-position PNG and a table, and with
-eval.passkey the passkey heatmap PNG and table."""
+"""What `ithaca eval` hands its user, as eval.metrics selects: eval.json, a table and the
+loss-by-position PNG (positions), the passkey table and heatmap PNG (passkey)."""
 
 from __future__ import annotations
 
@@ -16,23 +16,35 @@ PLOT = "loss_by_position.png"
 PASSKEY_PLOT = "passkey.png"
 
 
-def eval_record(totals: EvalTotals, *, source: str, step: int | None, folder: Path | str, batches: int,
-                passkey: PasskeyTable | None) -> dict:
-    """eval.json's content: what was evaluated, on what, and its losses (per position bucket too);
-    the passkey table when it was scored."""
-    buckets = zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)
-    return {**({} if passkey is None else {"passkey": passkey.record()}),"source": source, "step": step, "eval_data": str(folder), "seq_len": totals.seq_len,
-            "batches": batches, "tokens": totals.tokens, "eval_loss": totals.loss, "eval_ppl": totals.ppl,
-            "loss_by_position": [{"first": lo, "last": hi, "tokens": n, "loss": s / n if n else None}
-                                 for (lo, hi), s, n in buckets]}
+def eval_record(totals: EvalTotals | None, *, metrics: tuple[str, ...], source: str, step: int | None,
+                folder: Path | str, batches: int, passkey: PasskeyTable | None) -> dict:
+    """eval.json's content: what was evaluated, on what, and what `metrics` (eval.metrics) selects of
+    the losses (the eval loss; per position bucket) and the passkey table."""
+    record: dict = {"source": source, "step": step, "eval_data": str(folder)}
+    if totals is not None:
+        record.update(seq_len=totals.seq_len, batches=batches, tokens=totals.tokens)
+    if totals is not None and "loss" in metrics:
+        record.update(eval_loss=totals.loss, eval_ppl=totals.ppl)
+    if totals is not None and "positions" in metrics:
+        buckets = zip(bucket_bounds(totals.seq_len), totals.bucket_sums, totals.bucket_tokens)
+        record["loss_by_position"] = [{"first": lo, "last": hi, "tokens": n, "loss": s / n if n else None}
+                                      for (lo, hi), s, n in buckets]
+    if passkey is not None:
+        record["passkey"] = passkey.record()
+    return record
 
 
-def write_report(record: dict, totals: EvalTotals, passkey: PasskeyTable | None, folder: Path) -> None:
-    """eval.json and the PNGs into `folder` (which must exist)."""
-    (folder / EVAL_JSON).write_text(json.dumps(record, indent=1) + "\n")
-    plot_loss_by_position({record["step"] or 0: totals.bucket_losses()}, folder / PLOT)
+def write_report(record: dict, totals: EvalTotals | None, passkey: PasskeyTable | None, folder: Path) -> list[Path]:
+    """eval.json and the PNGs the record calls for into `folder` (which must exist); returns the files written."""
+    written = [folder / EVAL_JSON]
+    written[0].write_text(json.dumps(record, indent=1) + "\n")
+    if totals is not None and "loss_by_position" in record:
+        plot_loss_by_position({record["step"] or 0: totals.bucket_losses()}, folder / PLOT)
+        written.append(folder / PLOT)
     if passkey is not None:
         plot_passkey(passkey.accuracy, record["step"] or 0, folder / PASSKEY_PLOT)
+        written.append(folder / PASSKEY_PLOT)
+    return written
 
 
 def format_table(record: dict) -> str:
@@ -42,7 +54,6 @@ def format_table(record: dict) -> str:
         loss = "-" if bucket["loss"] is None else f"{bucket['loss']:.4f}"
         rows.append(f"{bucket['first']:>6}-{bucket['last']:<6} {bucket['tokens']:>9} {loss:>8}")
     return "\n".join(rows)
-
 
 
 def format_passkey_table(passkey: PasskeyTable) -> str:

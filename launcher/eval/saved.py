@@ -2,7 +2,7 @@
 reshards it, or a Hugging Face Llama through model.init_from) evaluated on the eval batches under
 the config's layout, with the same code as the evals during training (launcher/eval/run.py).
 
-Rank 0 writes into `.<output>.partial` (the resolved config, eval.json, the PNG) and renames it to
+Rank 0 writes into `.<output>.partial` (the resolved config, eval.json, the PNGs) and renames it to
 `output` only at the end, so a refused checkpoint or a failed eval leaves nothing behind.
 """
 
@@ -25,11 +25,12 @@ from ithaca.launcher.train.loop import set_up
 
 
 def evaluate_saved(cfg: RunConfig, *, checkpoint: Path | None, source: str,
-                   output: Path) -> tuple[dict, EvalTotals, PasskeyTable | None, float]:
+                   output: Path) -> tuple[dict, EvalTotals | None, PasskeyTable | None, float]:
     """Evaluate the checkpoint folder `checkpoint` (None: the weights `cfg.model.init_from` names)
-    in an initialized torchrun environment. Returns (eval.json's record, the totals, the passkey
-    table or None without eval.passkey, seconds the eval loss took) on every rank. Raises ValueError for a checkpoint that fails its manifest or is of
-    another model shape, and for eval data too short for the eval batches."""
+    in an initialized torchrun environment, on what eval.metrics selects. Returns (eval.json's
+    record, the totals or None without loss and positions, the passkey table or None without
+    passkey, seconds the eval windows took) on every rank. Raises ValueError for a checkpoint that
+    fails its manifest or is of another model shape, and for eval data too short for the eval batches."""
     staging = output.with_name(f".{output.name}.partial")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(staging)))
     rank = int(os.environ.get("RANK", "0"))  # the process group starts inside set_up
@@ -44,8 +45,8 @@ def evaluate_saved(cfg: RunConfig, *, checkpoint: Path | None, source: str,
         totals = evaluator.run()
         seconds = time.perf_counter() - start
         passkey = evaluator.run_passkey()
-        record = eval_record(totals, source=source, step=step, folder=evaluator.folder, batches=cfg.eval.batches,
-                             passkey=passkey)
+        record = eval_record(totals, metrics=cfg.eval.metrics, source=source, step=step, folder=evaluator.folder,
+                             batches=cfg.eval.batches, passkey=passkey)
         if rank == 0:
             write_report(record, totals, passkey, staging)
             staging.rename(output)

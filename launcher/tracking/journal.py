@@ -8,7 +8,12 @@ record); pushers read it (launcher/tracking/push.py). Records, in the order of t
     {"kind": "params", "values": {name: str}}
     {"kind": "text", "path": "config.yaml", "text": str}
     {"kind": "metrics", "step": int, "time_ms": int, "values": {name: float}}
+    {"kind": "artifact", "path": "eval/passkey.png", "file": "<key>.files/<id>/passkey.png"}
     {"kind": "end", "time_ms", "status": "FINISHED" | "FAILED" | "KILLED"}
+
+An artifact's `path` is its place in the MLflow run, and `file` (relative to the journal's folder)
+a copy of the file as it was when journaled, written and fsynced before its record: a later version
+of the same file gets its own copy, so a push, however late, sends the bytes of the record's time.
 
 A process killed mid-write leaves a torn last line; the next writer cuts it off, and readers only
 ever take lines that end in a newline.
@@ -18,6 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,8 +61,44 @@ class Journal:
         self._file.write(json.dumps(record) + "\n")  # NaN/inf are written as NaN/Infinity, which json reads back
         self._file.flush()  # to the OS, not to the disk: the pusher fsyncs off the training thread
 
+    def start(self, *, uri: str, experiment: str, run_name: str | None, artifact_location: str | None,
+              resumed: bool) -> None:
+        self.append({"kind": "start", "time_ms": _now_ms(), "uri": uri, "experiment": experiment,
+                     "run_name": run_name, "artifact_location": artifact_location, "resumed": resumed})
+
+    def params(self, values: dict[str, str]) -> None:
+        self.append({"kind": "params", "values": values})
+
+    def text(self, artifact_path: str, text: str) -> None:
+        self.append({"kind": "text", "path": artifact_path, "text": text})
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.append({"kind": "metrics", "step": step, "time_ms": _now_ms(),
+                     "values": {k: float(v) for k, v in values.items()}})
+
+    def end(self, status: str) -> None:
+        self.append({"kind": "end", "time_ms": _now_ms(), "status": status})
+
+    def append_file(self, artifact_path: str, source: Path) -> None:
+        """Journal `source` as the run's artifact `artifact_path` (e.g. "eval/passkey.png"): a copy
+        beside the journal first, then its record."""
+        # a folder per copy: MLflow names an uploaded file by its local name, which must be the artifact's
+        copy = self.path.with_suffix(".files") / uuid.uuid4().hex / Path(artifact_path).name
+        copy.parent.mkdir(parents=True)
+        partial = copy.with_name(f".{copy.name}.partial")
+        with source.open("rb") as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())  # on disk before the record that names it (the pusher fsyncs the journal)
+        os.replace(partial, copy)
+        self.append({"kind": "artifact", "path": artifact_path, "file": str(copy.relative_to(self.path.parent))})
+
     def close(self) -> None:
         self._file.close()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _cut_torn_line_and_find_last_step(path: Path) -> int:

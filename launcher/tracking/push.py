@@ -4,7 +4,8 @@ Per journal and URI, `<key>.sync.json` beside it holds the MLflow run the journa
 byte offset pushed so far, rewritten after every accepted call: a push starts where the last one
 stopped, so pushing twice logs nothing twice. A process killed between an accepted call and that
 write sends the call again, which changes nothing: MLflow's SQL stores keep one row per metric
-(key, step, timestamp, value), and the params, config text and statuses are the same as before.
+(key, step, timestamp, value), the params, config text and statuses are the same as before, and an
+artifact is uploaded again to the same path with the same bytes (the journal's copy), replacing itself.
 
 The journal's MLflow run, found at first contact (MLflow's server assigns run ids, and the REST
 API takes none from the client): the one the sync state names; else the run of the experiment
@@ -107,11 +108,22 @@ class JournalPusher:
                 self._call("params", self._client.log_batch, run_id, params=params[i:i + _PARAMS_PER_CALL])
         elif kind == "text":
             self._call(record["path"], self._client.log_text, run_id, record["text"], record["path"])
+        elif kind == "artifact":
+            self._send_artifact(record)
         elif kind == "start" and record["resumed"]:  # a new run is RUNNING from its creation
             self._call("status RUNNING", self._client.update_run, run_id, status="RUNNING")
         elif kind == "end":
             self._call(f"status {record['status']}", self._client.set_terminated, run_id, record["status"],
                        end_time=record["time_ms"])
+
+    def _send_artifact(self, record: dict) -> None:
+        copy = self.journal.parent / record["file"]
+        if not copy.is_file():
+            warn_once(log, f"tracking: {copy}, the journaled copy of artifact {record['path']}, is gone; left out of "
+                           f"MLflow run {self.run_id}")
+            return
+        folder = os.path.dirname(record["path"]) or None
+        self._call(record["path"], self._client.log_artifact, self.run_id, str(copy), folder)
 
     def _call(self, what: str, call: Callable, *args: object, **kwargs: object) -> None:
         try:

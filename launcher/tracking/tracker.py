@@ -2,9 +2,10 @@
 
 Every call is a line in the run's journal on disk first (launcher/tracking/journal.py), and a
 background thread pushes the journal to the tracking URI (launcher/tracking/push.py). MLflow gets
-params = the resolved config, metrics per step, the config artifact, the run's status, and
-MLflow's system metrics ("system/...": CPU, memory, disk, network; GPUs where nvidia-ml-py is
-installed) of rank 0's machine, sampled every 10 s by MLflow's own thread while the store answers.
+params = the resolved config, metrics per step, the config artifact, file artifacts (the eval
+plots), the run's status, and MLflow's system metrics ("system/...": CPU, memory, disk, network;
+GPUs where nvidia-ml-py is installed) of rank 0's machine, sampled every 10 s by MLflow's own
+thread while the store answers.
 
 Outages: when the store does not answer, one warning line; training goes on, the journal grows,
 and the thread tries again every RETRY_EVERY_S seconds and catches up when it answers. `finish`
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -73,12 +73,11 @@ class Tracker:
         if cfg.tracking.uri is None:  # a new local experiment keeps its artifacts beside its store, not in the cwd
             local_store(cfg).mkdir(parents=True, exist_ok=True)
             artifacts = (local_store(cfg) / "artifacts").as_uri()
-        self._journal.append({"kind": "start", "time_ms": _now_ms(), "uri": self._uri,
-                              "experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
-                              "artifact_location": artifacts, "resumed": run_id is not None})
+        self._journal.start(uri=self._uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                            artifact_location=artifacts, resumed=run_id is not None)
         if run_id is None:
-            self._journal.append({"kind": "params", "values": flatten(cfg.to_dict())})
-            self._journal.append({"kind": "text", "path": "config.yaml", "text": config_yaml})
+            self._journal.params(flatten(cfg.to_dict()))
+            self._journal.text("config.yaml", config_yaml)
         self._pushing = _BackgroundPush(self._journal.path, self._uri, self._output)
         self._pushing.start()
 
@@ -86,13 +85,16 @@ class Tracker:
         """Journal one step's metrics: a line written to the OS; the push is on another thread."""
         if step <= self._logged_through:
             return  # a resume's replay of a step logged before the stop (module docstring)
-        self._journal.append({"kind": "metrics", "step": step, "time_ms": _now_ms(),
-                              "values": {k: float(v) for k, v in metrics.items()}})
+        self._journal.metrics(step, metrics)
+
+    def log_file(self, artifact_path: str, file: Path) -> None:
+        """Journal `file` as the run's artifact `artifact_path`: a copy now, pushed later (the file may change)."""
+        self._journal.append_file(artifact_path, file)
 
     def finish(self, status: str) -> None:
         """End the run: FINISHED, FAILED, or KILLED (stopped to be resumed, which reopens it); waits up
         to tracking.flush_timeout seconds for the journal to reach MLflow."""
-        self._journal.append({"kind": "end", "time_ms": _now_ms(), "status": status})
+        self._journal.end(status)
         self._journal.close()
         self._pushing.finish(self._flush_timeout)
         from ithaca.launcher.tracking.push import unpushed  # push.py imports MLflow (seconds): only when needed
@@ -173,7 +175,3 @@ def _start_system_metrics(run_id: str, uri: str):
     monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)  # continues earlier sessions' steps
     monitor.start()
     return monitor
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

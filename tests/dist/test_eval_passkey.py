@@ -133,7 +133,7 @@ def _passkey_at_init(data: str, out: str, overrides: tuple[str, ...]) -> dict:
     cfg = load_config("debug-cpu", [
         f"data.path={data}", "data.seq_len=64", f"train.output_dir={out}", "train.steps=1", "train.global_batch=4",
         "train.micro_batch=1", "data.workers=1", f"eval.path={data}", f"eval.seq_len={SEQ_LEN}", "eval.batches=1",
-        "eval.passkey=true", "eval.passkey_samples=1", "parallel.dp=1", "parallel.sp=1", *overrides])
+        "eval.metrics=[passkey]", "eval.passkey_samples=1", "parallel.dp=1", "parallel.sp=1", *overrides])
     run = set_up(cfg, None)
     table = TrainingEval(cfg, run.engine, run.mesh, run.device, run.output, run.rank).run_passkey()
     # the vocab-parallel argmax on a hand-made head, on the same ranks (one start of processes for both)

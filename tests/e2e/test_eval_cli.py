@@ -28,7 +28,8 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     train = run_cli("train", "--config", "debug-cpu", "--set", f"data.path={data}", "--set", "data.seq_len=64",
                     "--set", "train.steps=4", "--set", "train.global_batch=4", "--set", f"train.output_dir={out}",
                     "--set", "eval.every=2", "--set", f"eval.path={data}", "--set", "eval.seq_len=256",
-                    "--set", "eval.batches=1", "--set", "eval.passkey=true", "--set", "eval.passkey_samples=1")
+                    "--set", "eval.batches=1", "--set", "eval.metrics=[loss,positions,passkey]",
+                    "--set", "eval.passkey_samples=1")
     assert train.returncode == 0, failure_text(train.stderr + train.stdout)
     lines = re.findall(r"eval step=(\d+) eval_loss=([\d.]+) eval_ppl=[\d.]+ eval_s=[\d.]+", train.stderr + train.stdout)
     assert [step for step, _ in lines] == ["2", "4"]
@@ -52,7 +53,7 @@ def test_train_with_evals_then_eval_the_checkpoint_under_another_layout(short_do
     assert [b["first"] for b in record["loss_by_position"]] == [0, 128]
     assert (report / "loss_by_position.png").read_bytes()[:8] == PNG
     # passkey: the same prompts and weights under sp2 ring give training's (dp2) step-4 table
-    assert re.search(r"^passkey passkey_acc=[\d.]+ ", done.stdout, re.M)
+    assert re.search(r"^passkey step=4 passkey_acc=[\d.]+ ", done.stdout, re.M)
     assert (report / "passkey.png").read_bytes()[:8] == PNG
     trained, got = history[1]["passkey"], record["passkey"]
     assert got["lengths"] == [128, 256] and len(got["cells"]) == 10

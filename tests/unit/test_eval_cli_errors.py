@@ -41,7 +41,14 @@ def test_bad_inputs_get_one_line_and_write_nothing(capsys, tmp_path, short_doc_s
         (("--checkpoint", str(checkpoint), "--set", data, "--set", f"eval.path={short_doc_shards}", "--set",
           "eval.batches=100000"), 1, "fewer than the"),
         (("--checkpoint", str(checkpoint), "--set", data, "--set", f"eval.path={short_doc_shards}", "--set",
-          "eval.passkey=true", "--set", "eval.seq_len=64"), 2, "eval.passkey=True: eval.seq_len=64 is shorter than"),
+          "eval.metrics=[passkey]", "--set", "eval.seq_len=64"), 2,
+         "eval.metrics=.passkey.: eval.seq_len=64 is shorter than"),
+        (("--hf", str(tmp_path / "hf"), "--set", data, "--mlflow"), 2, "--mlflow='run': a Hugging Face model has no "
+                                                                      "training run to log into; use --mlflow new"),
+        (("--checkpoint", str(checkpoint), "--set", data, "--set", f"eval.path={short_doc_shards}", "--set",
+          f"train.output_dir={tmp_path / 'trained'}", "--mlflow"), 2, "--mlflow='run': no tracking journal in "),
+        (("--checkpoint", str(checkpoint), "--set", data, "--set", "eval.metrics=[loss,perplexity]"), 2,
+         r"eval.metrics\[1\]='perplexity': choose one of 'loss', 'positions', 'passkey'"),
     ]
     (tmp_path / "hf").mkdir()
     other = LlamaArgs(vocab_size=320, dim=96, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
@@ -52,3 +59,23 @@ def test_bad_inputs_get_one_line_and_write_nothing(capsys, tmp_path, short_doc_s
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err), err
         assert not (tmp_path / "report").exists()
+
+
+def test_train_checks_the_eval_data_before_any_rank_starts(capsys, tmp_path, short_doc_shards):
+    data = f"data.path={short_doc_shards}"
+    cases = [  # (overrides, what the one line says); each exits 2
+        ((data,), "eval.path=None: data.path=.* was prepped without a holdout"),
+        ((data, f"eval.path={tmp_path / 'nowhere'}"), "eval.path='.*nowhere': no such folder"),
+        ((data, f"eval.path={short_doc_shards}", "parallel.dp=1", "parallel.sp=2", "parallel.sp_method=ring",
+          "eval.seq_len=130"), "eval.seq_len=130: must be divisible by 4"),
+        ((data, f"eval.path={short_doc_shards}", "eval.metrics=[passkey]", "eval.seq_len=64"),
+         "eval.metrics='passkey': eval.seq_len=64 is shorter than"),
+        ((data, "eval.metrics=[]"), r"eval.metrics=\[\]: list each of loss, positions, passkey"),
+    ]
+    for overrides, message in cases:
+        args = [item for o in ("eval.every=2", f"train.output_dir={tmp_path / 'run'}", *overrides)
+                for item in ("--set", o)]
+        assert main(["train", "--config", "debug-cpu", *args]) == 2, overrides
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+        assert not (tmp_path / "run").exists()

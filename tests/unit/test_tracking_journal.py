@@ -17,7 +17,7 @@ from harness import free_port
 from ithaca.launcher.cli.main import main
 from ithaca.launcher.config.schema import ConfigError
 from ithaca.launcher.config.load import load_config
-from ithaca.launcher.tracking.journal import find_journals
+from ithaca.launcher.tracking.journal import durable_records, find_journals
 from ithaca.launcher.tracking.tracker import Tracker
 from ithaca.launcher.tracking.push import JournalPusher
 
@@ -173,3 +173,43 @@ def test_a_record_the_store_refuses_is_logged_once_and_the_rest_is_pushed(tmp_pa
                                                          f"{taken.info.run_id}: Changing param values is not allowed")
     run = client.get_run(taken.info.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 10.0
+
+
+def test_an_artifact_is_pushed_once_with_the_bytes_it_had_when_journaled(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: the records stay in the journal
+    tracker = Tracker(config(tmp_path, f"tracking.uri={uri}", "tracking.flush_timeout=0"), "a: 1\n", None)
+    plot = tmp_path / "drawn.png"
+    plot.write_bytes(b"step 2's plot")
+    tracker.log_file("eval/plot.png", plot)
+    plot.write_bytes(b"redrawn after")  # the journal's copy keeps what it was when journaled
+    tracker.finish("FINISHED")
+    (journal,) = find_journals(tmp_path)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def push_from(offset: int) -> None:  # as after a crash that lost the progress written after `offset`
+        state = json.loads(journal.with_suffix(".sync.json").read_text()) if offset else {}
+        if offset:
+            state[store]["offset"] = offset
+            journal.with_suffix(".sync.json").write_text(json.dumps(state))
+        pusher = JournalPusher(journal, store, wait_for_lock=True)
+        try:
+            pusher.push()
+        finally:
+            pusher.close()
+
+    push_from(0)
+    before_artifact = [end for record, end in durable_records(journal, 0) if record["kind"] == "text"][0]
+    push_from(before_artifact)  # the artifact again: it replaces itself
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("journal-test").experiment_id])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == ["eval/plot.png"]
+    got = Path(client.download_artifacts(run.info.run_id, "eval/plot.png", str(tmp_path / "got")))
+    assert got.read_bytes() == b"step 2's plot"
+
+    (copy,) = (tmp_path / "tracking").glob("*.files/*/plot.png")
+    copy.unlink()  # a copy deleted by hand: that record is passed over in one line, the rest pushed
+    push_from(before_artifact)
+    gone = [r.getMessage() for r in caplog.records if "is gone" in r.getMessage()]
+    assert gone == [f"tracking: {copy}, the journaled copy of artifact eval/plot.png, is gone; left out of MLflow "
+                    f"run {run.info.run_id}"]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
