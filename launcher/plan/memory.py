@@ -9,7 +9,8 @@ stage and tp shard; ZeRO partitions over the dp x sp ranks, DeepSpeed's data axi
                    copies 8 P; divided by Z from ZeRO-1 on (bf16 with ZeRO-0: DeepSpeed's bf16
                    optimizer partitions them too)
     comm buffers   ZeRO-1/2/3: DeepSpeed's gradient reduce bucket, reduce_bucket_size = 5e8
-                   elements whatever the model's size (measured: 2.0 GB per rank in fp32 on the CPU)
+                   elements whatever the model's size (measured: 2.0 GB per rank in fp32 on the CPU);
+                   two under a pipeline with ZeRO-1 (PIPELINE_ZERO1_BUCKETS)
 
 Activations, per layer and token of the rank's part (s = seq_len / sp tokens, micro_batch rows),
 in elements of the compute dtype, fit to live-tensor measurements of one process in fp32
@@ -21,7 +22,12 @@ layers, per kind and mode, at several widths, head counts and ffn sizes; data in
     D none        36.9 dim + 4 ffn + 460 h + dim d/64 + 18     selective  11 dim + 4 ffn + 18
     full          2 dim per layer kept (the block's two inputs) and, in the backward, one layer
                   recomputed with everything `none` keeps
-    selective     in the backward, a D layer's recomputed interior: 0.6 of (none - selective)
+    selective     in the backward, a D layer's recomputed interior: 0.6 of (none - selective), and
+                  under sp 6 dim + 1.35 dim d/64 more (its local pass's wider delta rule)
+
+The backward recomputes layer i after the layers above it have freed what they kept, so the
+recomputation adds to the peak only what exceeds those (recompute_excess): a D layer below an S
+layer (DS) recomputes in the room the S layer's activations left.
 
 (dim d/64: the chunked kernels' d x d state per 64-token chunk and head; 198 h and 460 h: their
 within-chunk [64 x 64] matrices and gates.) A tp rank holds the ffn, kv and head terms / tp and
@@ -52,6 +58,12 @@ CHUNK = 64
 """The chunked linear-attention and delta-rule kernels' chunk length."""
 REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default zero_optimization.reduce_bucket_size, in gradient elements (engine.py leaves it)."""
+PIPELINE_ZERO1_BUCKETS = 2
+"""Buckets a pipeline stage holds under ZeRO-1 (DeepSpeed 0.19.8, measured: 3854 MiB at pp2 against 2016
+with one). The gradient hooks allocate the bucket in the backward (zero/stage_1_and_2.py setup_buckets);
+at the accumulation boundary the pipeline engine's reduce_gradients(pipeline_parallel=True) appends a
+second of the same size (stage_1_and_2.py:962, "with PP we must create ipg buffer") that, with
+overlap_comm off, is never indexed; both are live while the gradients are reduced."""
 
 LayerCoefficients = tuple[float, float, float, float, float, float, float]
 """Elements per token: (dim kept whole on every tp rank, dim split over tp (per-head tensors: q,
@@ -68,6 +80,12 @@ SELECTIVE_RECOMPUTE_SHARE = {"S": 0.0, "L": 0.0, "D": 0.6}
 """Under selective checkpointing, the backward recomputes one mixer's interior at a time; this share
 of what `none` keeps beyond `selective` is live at once at the peak (measured: S and L none; D
 0.58-0.82 of it over three shapes at 1K tokens, 0.53 at 2K)."""
+SP_DELTA_INTERIOR = (6.0, 1.35)
+"""Under sp, a D layer's recomputed interior holds (dim, dim * head_dim / CHUNK) x these elements per
+token more: its local pass runs the delta rule on d_v + d_k value columns, not d_v
+(parallel/delta_rule.py), widening the values, U and the outputs, and each chunk's state. Measured
+with bench/plan_check.py's counter: D sp2 at 2K against one process at 1K tokens, 1629-3763 more per
+token at dim 256 (8 and 16 heads) and 512."""
 FULL_KEPT_STREAMS = 2
 """activation_checkpointing=full keeps each block's two inputs, two [b, s, dim] tensors."""
 OUTSIDE_DIM = 4.5625
@@ -113,6 +131,29 @@ def layer_elements_per_token(args: LlamaArgs, kind: str, mode: str, tp: int) -> 
                                 + c_state * args.dim * args.head_dim / CHUNK) / tp + const)
 
 
+def recomputed_elements_per_token(args: LlamaArgs, kind: str, mode: str, tp: int, sp: int) -> float:
+    """What the backward recomputes of one layer of `kind` and holds at once, per token: under full
+    checkpointing the whole layer (what `none` keeps), under selective a D layer's mixer interior."""
+    if mode == "full":
+        return layer_elements_per_token(args, kind, "none", tp)
+    if mode == "none":
+        return 0.0
+    beyond = layer_elements_per_token(args, kind, "none", tp) - layer_elements_per_token(args, kind, "selective", tp)
+    wider = 0.0
+    if kind == "D" and sp > 1:
+        per_dim, per_state = SP_DELTA_INTERIOR
+        wider = (per_dim * args.dim + per_state * args.dim * args.head_dim / CHUNK) / tp
+    return SELECTIVE_RECOMPUTE_SHARE[kind] * beyond + wider
+
+
+def recompute_excess(recomputed: list[float], kept: list[float]) -> float:
+    """What the backward's recomputation adds to the peak of keeping `kept` (per layer, in order),
+    recomputing layer i with `recomputed[i]`: the backward reaches layer i after the layers above it
+    have freed what they kept, so layer i adds recomputed[i] less what those held (never below 0)."""
+    above = [sum(kept[i + 1:]) for i in range(len(kept))]
+    return max([0.0] + [r - a for r, a in zip(recomputed, above)])
+
+
 def stage_parts(cfg: RunConfig) -> list[tuple[list[int], bool, bool]]:
     """Per pipeline stage: (its blocks' layer indices, holds the embedding, holds the head and loss)."""
     p = cfg.parallel
@@ -149,22 +190,19 @@ def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
     in_flight = p.pp - stage
     mode = args.activation_checkpointing
     activations: dict[str, int] = {}
+    kept = []  # per layer, elements per token of one micro-batch
     for i in layers:
         kind = args.mixer(i)
         per_token = layer_elements_per_token(args, kind, mode, p.tp)
         if kind == "S" and p.sp_method == "allgather" and p.sp > 1 and mode != "full":
             per_token += 2 * args.kv_heads * args.head_dim / p.tp * (p.sp - 1)  # the whole sequence's K, V
+        kept.append(per_token)
         name = KIND_NAMES[kind]
         activations[name] = activations.get(name, 0) + int(per_token * tokens * elem * in_flight)
-    if mode == "full":  # the backward recomputes one layer at a time, keeping what `none` keeps for it
-        activations["recompute"] = int(max(layer_elements_per_token(args, args.mixer(i), "none", p.tp)
-                                           for i in layers) * tokens * elem)
-    elif mode == "selective":
-        interior = max(SELECTIVE_RECOMPUTE_SHARE[k] * (layer_elements_per_token(args, k, "none", p.tp)
-                                                       - layer_elements_per_token(args, k, "selective", p.tp))
-                       for k in {args.mixer(i) for i in layers})
-        if interior > 0:
-            activations["recompute"] = int(interior * tokens * elem)
+    recompute = recompute_excess([recomputed_elements_per_token(args, args.mixer(i), mode, p.tp, p.sp)
+                                  for i in layers], kept)
+    if recompute > 0:
+        activations["recompute"] = int(recompute * tokens * elem)
     loss = 0
     vocab = args.vocab_size // p.tp
     if last:
@@ -172,7 +210,8 @@ def stage_memory(cfg: RunConfig, stage: int) -> MemoryTerms:
         loss = int((OUTSIDE_DIM * args.dim * tokens + blocks + vocab * args.dim) * elem) + LOSS_FIXED_BYTES
     if first:  # the embedding's output for each micro-batch in flight, and its dense gradient
         loss += (0 if last else args.dim * tokens * in_flight * elem) + vocab * args.dim * elem
-    comm_buffers = REDUCE_BUCKET * elem if t.zero_stage >= 1 else 0
+    buckets = 0 if t.zero_stage == 0 else PIPELINE_ZERO1_BUCKETS if p.pp > 1 and t.zero_stage == 1 else 1
+    comm_buffers = buckets * REDUCE_BUCKET * elem
     return MemoryTerms(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, loss=loss,
                        comm_buffers=comm_buffers)
 

@@ -11,9 +11,11 @@ from ithaca.bench.plan_check import SMALL, measure, predicted_sp_bytes, predicte
 CASES = {
     # LASP-2 state all-gather over the zigzag's two pieces, and ring attention's blocks with document ids
     "LS sp2 ring": SMALL + ["data.seq_len=2048", "model.layer_pattern=LS", "parallel.sp=2", "parallel.sp_method=ring"],
-    # K/V all-gather, the delta rule's state scan and its convolution's halo
-    "DS sp2 allgather scan": SMALL + ["data.seq_len=2048", "model.layer_pattern=DS", "parallel.sp=2",
-                                      "parallel.sp_method=allgather", "model.linear_sp_exchange=scan"],
+    # K/V all-gather, the delta rule's state scan and its convolution's halo, all sent again when selective
+    # checkpointing recomputes the mixers; the D layer recomputes in the room the S layer above it freed
+    "DS sp2 allgather scan selective": SMALL + ["data.seq_len=2048", "model.layer_pattern=DS", "parallel.sp=2",
+                                                "parallel.sp_method=allgather", "model.linear_sp_exchange=scan",
+                                                "model.activation_checkpointing=selective"],
 }
 
 
