@@ -18,7 +18,7 @@ kind and checkpointing mode, one layer's elements per token (peak of 3 layers - 
 what lies outside the layers (peak of 2 - 2 layers), at several widths, head counts and ffn sizes.
 
 Run:  python -m ithaca.bench.plan_check [--steps]       (CPU: about 15 minutes on 2 quiet cores)
-      python -m ithaca.bench.plan_check --cases NAME ...
+      python -m ithaca.bench.plan_check --cases NAME ... [--steps --step-cases NAME ...]
       python -m ithaca.bench.plan_check --calibrate     (one process, about 10 minutes)
 """
 
@@ -52,6 +52,15 @@ CASES: dict[str, list[str]] = {
     "S sp2 ulysses 4K": SMALL + ["data.seq_len=4096", "parallel.sp=2"],
     "DS sp2 allgather scan 4K": SMALL + ["data.seq_len=4096", "model.layer_pattern=DS", "parallel.sp=2",
                                          "parallel.sp_method=allgather", "model.linear_sp_exchange=scan"],
+    "DS sp2 allgather scan selective 2K": SMALL + ["data.seq_len=2048", "model.layer_pattern=DS", "parallel.sp=2",
+                                                   "parallel.sp_method=allgather", "model.linear_sp_exchange=scan",
+                                                   "model.activation_checkpointing=selective"],
+    "SD sp2 allgather scan selective 2K": SMALL + ["data.seq_len=2048", "model.layer_pattern=SD", "parallel.sp=2",
+                                                   "parallel.sp_method=allgather", "model.linear_sp_exchange=scan",
+                                                   "model.activation_checkpointing=selective"],
+    "D sp2 scan selective 2K dim 512": SMALL + ["model.dim=512", "data.seq_len=2048", "model.layer_pattern=D",
+                                                "parallel.sp=2", "model.linear_sp_exchange=scan",
+                                                "model.activation_checkpointing=selective"],
     "S tp2 2K": SMALL + ["data.seq_len=2048", "parallel.tp=2"],
     "S sp4 usp 8K": SMALL + ["data.seq_len=8192", "parallel.sp=4", "parallel.sp_method=usp", "parallel.ulysses_degree=2"],
     "L sp4 scan 16K": SMALL + ["data.seq_len=16384", "model.layer_pattern=L", "parallel.sp=4",
@@ -140,11 +149,11 @@ def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: st
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    from ithaca.bench.peak_memory import live_tensor_bytes
     from ithaca.data.batch import Batch
     from ithaca.data.packing import document_positions, document_starts
     from ithaca.launcher.runtime.distributed import init_distributed
     from ithaca.launcher.train.engine import build_engine
+    from ithaca.launcher.train.live_tensors import LiveTensorBytes
     from ithaca.launcher.train.loop import train_step
     from ithaca.parallel.parallelize import parallelize_llama
 
@@ -159,7 +168,7 @@ def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: st
         tokens = torch.randint(0, cfg.model.vocab_size, (rows, n + 1), generator=gen)
         batches.append(Batch(tokens=tokens[:, :-1], labels=tokens[:, 1:], positions=document_positions(doc_ids),
                              doc_ids=doc_ids, resets=document_starts(doc_ids)))
-    with live_tensor_bytes() as counter:
+    with LiveTensorBytes() as counter:
         engine = build_engine(cfg, parallelize_llama(cfg.model, ctx.mesh, pp_split=None), ctx.mesh)
         train_step(engine, batches, ctx.mesh, ctx.device)
         counter.reset_peak()
@@ -223,6 +232,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME")
     parser.add_argument("--calibrate", action="store_true", help="print the per-layer measurements instead")
     parser.add_argument("--steps", action="store_true", help="also measure whole training steps (STEP_CASES)")
+    parser.add_argument("--step-cases", nargs="+", choices=list(STEP_CASES), default=list(STEP_CASES), metavar="NAME",
+                        help="the whole-step cases --steps measures")
     args = parser.parse_args()
     if args.calibrate:
         print(bench_header("plan_check --calibrate", "cpu", f"fp32, one packed row, documents of {DOC} tokens"))
@@ -240,7 +251,8 @@ def main() -> None:
     if args.steps:
         print("\n| whole step | ranks | predicted MiB (buffers) | measured MiB (max over ranks) | predicted/measured |")
         print("|---|---|---|---|---|")
-        for name, overrides in STEP_CASES.items():
+        for name in args.step_cases:
+            overrides = STEP_CASES[name]
             cfg = case_config(overrides)
             terms = peak_memory(cfg)
             measured = measure_step(overrides)

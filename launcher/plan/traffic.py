@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ithaca.parallel.sequence_layout import piece_order
+from ithaca.parallel.state_scan import SCAN_BLOCKS
 
 FP32, INT64 = 4, 8
 
@@ -136,6 +137,31 @@ class Collective:
     inter_node: bool
     overlapped_with: str | None = None
     """The compute it hides behind ("mixer": the layer's own attention), or None."""
+    chain_bytes: int | None = None
+    """Bytes the step waits for one after another along a chain of ranks (the scan), when more than
+    `bytes`: the time is theirs over the bandwidth."""
+
+    @property
+    def waited_bytes(self) -> int:
+        return self.bytes if self.chain_bytes is None else self.chain_bytes
+
+
+def layer_shape(cfg) -> LayerShape:
+    """One mixing layer of `cfg` (a RunConfig) as one rank of its tp group sees it."""
+    args, p, t = cfg.model, cfg.parallel, cfg.train
+    return LayerShape(b=t.micro_batch, n=cfg.data.seq_len, heads=args.n_heads // p.tp,
+                      kv_heads=args.kv_heads // p.tp, head_dim=args.head_dim, elem=2 if t.precision == "bf16" else 4)
+
+
+def scan_chain(cfg) -> tuple[int, int]:
+    """(messages, bytes) one layer's state scan waits for in sequence per pass (forward, backward, a
+    recomputed forward): the chain visits the pieces in order, a hop wherever the next piece is on
+    another rank, and a state crosses in SCAN_BLOCKS d_v blocks, block i+1 on the wire while block i
+    is folded, so a pass waits for hops + blocks - 1 block messages."""
+    x = layer_shape(cfg)
+    hops = sum(forward for forward, _ in chain_links(cfg.parallel.sp, cfg.sequence.ring))
+    messages = hops + SCAN_BLOCKS - 1
+    return messages, messages * x.b * x.heads * x.head_dim * x.head_dim * FP32 // SCAN_BLOCKS
 
 
 def sp_bytes_by_rank(cfg) -> dict[str, list[int]]:
@@ -149,8 +175,7 @@ def sp_bytes_by_rank(cfg) -> dict[str, list[int]]:
     layers = max((part[0] for part in stage_parts(cfg)), key=len)
     kinds = [args.mixer(i) for i in layers]
     softmax, linear, delta = kinds.count("S"), kinds.count("L"), kinds.count("D")
-    x = LayerShape(b=t.micro_batch, n=cfg.data.seq_len, heads=args.n_heads // p.tp,
-                   kv_heads=args.kv_heads // p.tp, head_dim=args.head_dim, elem=2 if t.precision == "bf16" else 4)
+    x = layer_shape(cfg)
     ulysses, ring, docs = cfg.sequence.ulysses, cfg.sequence.ring, cfg.data.document_mask
     again = args.activation_checkpointing != "none"  # both modes run the mixer's forward, exchanges included, again
     out: dict[str, list[int]] = {}
@@ -175,13 +200,15 @@ def _spans_nodes(span: int, gpus_per_node: int) -> bool:
     return span > gpus_per_node
 
 
-SP_MESSAGES = {"sp_kv_all_gather": 3, "sp_ulysses_all_to_all": 8, "sp_ring_p2p": 3, "sp_state_scan": 4,
-               "sp_state_all_gather": 2, "sp_conv_halo": 2}
-"""Messages per layer and rank, for the latency term (all-gathers: per peer)."""
+SP_MESSAGES = {"sp_kv_all_gather": 3, "sp_ulysses_all_to_all": 8, "sp_ring_p2p": 3, "sp_state_all_gather": 2,
+               "sp_conv_halo": 2}
+"""Messages per layer and rank, for the latency term (all-gathers: per peer; the scan: scan_chain)."""
 
 
 def step_traffic(cfg, gpus_per_node: int) -> dict[str, Collective]:
     """Per step, the busiest rank's traffic by collective (`cfg` a RunConfig)."""
+    from ithaca.launcher.plan.memory import stage_parts
+
     args, p, t = cfg.model, cfg.parallel, cfg.train
     elem = 2 if t.precision == "bf16" else 4
     micro = cfg.grad_accum_steps
@@ -190,6 +217,12 @@ def step_traffic(cfg, gpus_per_node: int) -> dict[str, Collective]:
     layers = cfg.model.n_layers // p.pp + (1 if cfg.model.n_layers % p.pp else 0)
     for name, sends in sp_bytes_by_rank(cfg).items():
         inter = _spans_nodes(p.tp * cfg.sequence.ulysses, gpus_per_node) if name == "sp_ulysses_all_to_all" else sp_inter
+        if name == "sp_state_scan":  # the chain's hops wait on one another: every pass of every L and D layer
+            scanned = sum(args.mixer(i) in "LD" for i in max((part[0] for part in stage_parts(cfg)), key=len))
+            passes = micro * scanned * (2 if args.activation_checkpointing == "none" else 3)
+            messages, chain = scan_chain(cfg)
+            out[name] = Collective(max(sends) * micro, messages * passes, inter, chain_bytes=chain * passes)
+            continue
         peers = p.sp - 1 if name.endswith("all_gather") else 1
         out[name] = Collective(max(sends) * micro, SP_MESSAGES[name] * peers * layers * micro, inter,
                                "mixer" if name == "sp_ring_p2p" else None)

@@ -113,3 +113,19 @@ def test_oom_kills_are_read_from_the_memory_cgroup(tmp_path, capsys, cgroup, cou
     report_oom_kills(1, 2)
     assert "out-of-memory killer killed 1 process(es)" in capsys.readouterr().err
     assert oom_kills(tmp_path / "missing", tmp_path) is None
+
+
+def test_the_scan_waits_for_its_whole_chain_while_each_rank_sends_the_same():
+    from ithaca.launcher.plan.traffic import step_traffic
+
+    def scan(sp: int):
+        cfg = load_config("debug-cpu", ["data.path=unused", "parallel.dp=1", f"parallel.sp={sp}",
+                                        "parallel.sp_method=allgather", "model.layer_pattern=L",
+                                        "model.linear_sp_exchange=scan", "data.seq_len=1024"])
+        return step_traffic(cfg, gpus_per_node=8)["sp_state_scan"]
+
+    two, eight = scan(2), scan(8)
+    assert eight.bytes == 2 * two.bytes  # a middle rank sends forward and back, an end rank one way
+    # 4 micro-batches x 2 layers x 2 passes, each (P - 1 hops + 3 more of the 4 d_v blocks) messages
+    assert (two.messages, eight.messages) == (16 * (1 + 3), 16 * (7 + 3))
+    assert eight.waited_bytes > 2 * eight.bytes
