@@ -35,7 +35,7 @@ def unavailable_reason() -> str | None:
     """Why no namespace cluster can be made here (None: it can)."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
-    for tool in ("ip", "unshare", "tc"):
+    for tool in ("ip", "unshare", "nsenter", "tc"):
         if not shutil.which(tool):
             return f"{tool} is not installed (Debian: apt-get install iproute2 util-linux)"
     probe = f"ithaca-probe-{os.getpid()}"
@@ -63,6 +63,16 @@ class Node:
         """`argv` run inside this node: its network namespace and hosts file, and its hostname."""
         return ["ip", "netns", "exec", self.namespace, "unshare", "--uts", "sh", "-c",
                 'hostname "$0" && exec "$@"', self.hostname, *argv]
+
+    def command_keeping_sys(self, *argv: str) -> list[str]:
+        """`argv` run inside this node like `command`, but entering only its network namespace (and
+        new UTS and mount namespaces for its hostname and name files): `ip netns exec` mounts a fresh
+        /sys, which hides the host's /sys/fs/cgroup that slurmd needs. Processes it starts (a SLURM
+        job's) stay in the node's namespaces."""
+        etc = NETNS_ETC / self.namespace
+        binds = " && ".join(f"mount --bind {etc / name} /etc/{name}" for name in ("hosts", "resolv.conf"))
+        return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--uts", "--mount", "sh", "-c",
+                f'{binds} && hostname "$0" && exec "$@"', self.hostname, *argv]
 
     def interface_bytes(self) -> int:
         """Bytes received plus sent on eth0, the node's only way to the other nodes."""

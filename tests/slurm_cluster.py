@@ -1,4 +1,5 @@
-"""A real one-node SLURM cluster (slurmctld + slurmd + munged on localhost) for the submit tests.
+"""A real SLURM cluster for the submit tests: munged, slurmctld and one slurmd on localhost, or one
+slurmd in each node of a namespace cluster (tests/netns_cluster.py), each with its own address.
 
 Everything lives under one folder: munge's key and socket, slurm.conf, state, spool, pid and log
 files; commands find it through SLURM_CONF. Debian's slurm-wlm and munge are installed with
@@ -14,7 +15,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from netns_cluster import NetnsCluster
 
 PACKAGES = ("slurm-wlm", "munge")
 
@@ -38,12 +43,24 @@ def unavailable_reason() -> str | None:
                        f"{done.stderr.strip()[-500:]}")
 
 
+@dataclass(frozen=True)
+class Host:
+    """A node of the cluster: SLURM's NodeName and NodeAddr, and how to run a command on it."""
+
+    name: str
+    address: str
+    enter: Callable[..., list[str]] = lambda *argv: list(argv)
+
+
 class SlurmCluster:
-    def __init__(self, root: Path):
+    """slurmctld on the first host, one slurmd per host (its own spool, pid and log files). By
+    default one host, this machine at 127.0.0.1; `namespace_hosts` gives each node of a
+    namespace cluster its own. Commands (`run`, sbatch) run on the first host."""
+
+    def __init__(self, root: Path, hosts: list[Host] | None = None):
         self.root = root
-        self.host = socket.gethostname().split(".")[0]
+        self.hosts = hosts or [Host(socket.gethostname().split(".")[0], "127.0.0.1")]
         self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
-        self._pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
 
     def start(self) -> None:
         munge = self.root / "munge"
@@ -55,27 +72,34 @@ class SlurmCluster:
                      f"--pid-file={self.root / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
                      f"--seed-file={munge / 'munged.seed'}"])
         (self.root / "slurm.conf").write_text(self._slurm_conf())
-        self._check(["slurmctld"])
-        self._check(["slurmd"])
-        self._wait_until(lambda: "idle" in self.run("sinfo", "-h", "-o", "%T").stdout, 30, "the node to be idle")
+        self._check(self.hosts[0].enter("slurmctld"))
+        for host in self.hosts:
+            self._check(host.enter("slurmd", "-N", host.name))
+        self._wait_until(lambda: self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.hosts),
+                         30, "every node to be idle")
 
     def _slurm_conf(self) -> str:
-        r = self.root
-        node = self._check(["slurmd", "-C"]).stdout.splitlines()[0].split()
-        memory = next(int(f.split("=")[1]) for f in node if f.startswith("RealMemory="))
-        node = [f for f in node if not f.startswith(("NodeName=", "RealMemory="))]
+        r, controller = self.root, self.hosts[0]
+        hardware = self._check(["slurmd", "-C"]).stdout.splitlines()[0].split()
+        memory = next(int(f.split("=")[1]) for f in hardware if f.startswith("RealMemory="))
+        hardware = [f for f in hardware if not f.startswith(("NodeName=", "RealMemory="))]
         return "\n".join([
-            "ClusterName=ithaca-test", f"SlurmctldHost={self.host}(127.0.0.1)", "SlurmUser=root",
+            "ClusterName=ithaca-test", f"SlurmctldHost={controller.name}({controller.address})", "SlurmUser=root",
             "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge' / 'munge.socket.2'}",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            # %n: the node's name, so that the slurmds of one machine keep apart
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool-%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
             "JobAcctGatherType=jobacct_gather/none", "MinJobAge=300", "KillWait=30",
+            # a requeued job made eligible waits for the scheduler's next pass (60 s by default)
+            "SchedulerParameters=sched_interval=2",
             # RealMemory a GiB under what slurmd sees, or the node drains as "low RealMemory"
-            f"NodeName={self.host} NodeAddr=127.0.0.1 {' '.join(node)} RealMemory={max(memory - 1024, 512)}",
-            f"PartitionName=debug Nodes={self.host} Default=YES State=UP MaxTime=INFINITE", ""])
+            *[f"NodeName={h.name} NodeAddr={h.address} {' '.join(hardware)} RealMemory={max(memory - 1024, 512)}"
+              for h in self.hosts],
+            f"PartitionName=debug Nodes={','.join(h.name for h in self.hosts)} Default=YES State=UP MaxTime=INFINITE",
+            ""])
 
     def stop(self) -> None:
         """Cancel every job, then stop each daemon this cluster started, by process id."""
@@ -85,12 +109,15 @@ class SlurmCluster:
                 self._wait_until(lambda: not self.run("squeue", "-h").stdout.strip(), 60, "the queue to empty")
             except TimeoutError:
                 pass  # the daemons go down anyway
-        for pid_file in reversed(self._pid_files):
+        slurmds = [self.root / f"slurmd-{h.name}.pid" for h in self.hosts]
+        for pid_file in [*slurmds, self.root / "slurmctld.pid", self.root / "munged.pid"]:
             if pid_file.is_file():
                 _kill(int(pid_file.read_text().split()[0]))
 
-    def run(self, *command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
+    def run(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`command` on the first host (where slurmctld listens), with this cluster's SLURM_CONF."""
+        return subprocess.run(self.hosts[0].enter(*command), capture_output=True, text=True, env=self.env,
+                              timeout=timeout)
 
     def job_field(self, job_id: str, field: str) -> str:
         out = self.run("scontrol", "show", "job", job_id).stdout
@@ -102,9 +129,10 @@ class SlurmCluster:
         return self.job_field(job_id, "JobState")
 
     def daemon_logs(self, lines: int = 15) -> str:
-        """The last lines of slurmctld's and slurmd's logs, for failure messages."""
-        return "\n".join(f"--- {name}:\n" + "\n".join((self.root / name).read_text().splitlines()[-lines:])
-                         for name in ("slurmctld.log", "slurmd.log") if (self.root / name).is_file())
+        """The last lines of slurmctld's and each slurmd's log, for failure messages."""
+        logs = [self.root / "slurmctld.log", *(self.root / f"slurmd-{h.name}.log" for h in self.hosts)]
+        return "\n".join(f"--- {log.name}:\n" + "\n".join(log.read_text().splitlines()[-lines:])
+                         for log in logs if log.is_file())
 
     def _check(self, command: list[str]) -> subprocess.CompletedProcess:
         done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
@@ -131,3 +159,26 @@ def _kill(pid: int, timeout: float = 15) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def namespace_hosts(cluster: NetnsCluster) -> list[Host]:
+    """The nodes of a namespace cluster as SLURM hosts: slurmctld in node1, a slurmd in each node at
+    its own address; daemons and jobs enter only the node's network (`Node.command_keeping_sys`)."""
+    return [Host(n.hostname, n.address, n.command_keeping_sys) for n in cluster.nodes]
+
+
+def started_cluster(root: Path, hosts: list[Host] | None = None) -> Iterator[SlurmCluster]:
+    """A module fixture's body: a started cluster (one host by default), stopped afterwards; the
+    tests skip, printing why, where SLURM cannot be had."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"no SLURM cluster: {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(root, hosts)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

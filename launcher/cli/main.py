@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
                         help="when a rank fails, restart every rank from the latest complete checkpoint, up "
                              "to K times within the job (default 0)")
+    submit.add_argument("--min-nodes", type=int, metavar="M",
+                        help="elastic: start on M to --nodes nodes and go on without a node that fails, on a "
+                             "layout fitted to the nodes left (needs --max-restarts 1 or more)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
@@ -269,7 +272,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
                    account=args.account, time=args.time, qos=args.qos, signal_grace=args.signal_grace,
-                   max_restarts=args.max_restarts)
+                   max_restarts=args.max_restarts, min_nodes=args.min_nodes)
     cfg = load_config(args.config, args.overrides)
     script = render(cfg, job, f"ithaca-{resolve_config_path(args.config).stem}")
     preflight(cfg, cfg.parallel.world_size)

@@ -37,6 +37,9 @@ class SlurmJob:
     max_restarts: int = 0
     """Times torchrun restarts every rank (from the latest complete checkpoint) after one fails,
     within the job, before the job fails."""
+    min_nodes: int | None = None
+    """Elastic: SLURM may start the job on min_nodes..nodes nodes and does not end it when one fails;
+    the nodes left restart (one of max_restarts) on a layout fitted to them."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -47,6 +50,16 @@ class SlurmJob:
             raise ConfigError("--signal-grace", self.signal_grace, "use 1 or more seconds")
         if self.max_restarts < 0:
             raise ConfigError("--max-restarts", self.max_restarts, "use 0 (no restarts) or more")
+        if self.min_nodes is not None:
+            if not 1 <= self.min_nodes <= self.nodes:
+                raise ConfigError("--min-nodes", self.min_nodes, f"use 1 to --nodes={self.nodes}")
+            if self.max_restarts < 1:
+                raise ConfigError("--max-restarts", self.max_restarts, "use 1 or more with --min-nodes: the "
+                                  "nodes left go on by a restart")
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.min_nodes is not None
 
     def processes_per_node(self, cfg: RunConfig) -> int:
         """One process per GPU (or the world size split over the nodes on CPU); raises ConfigError if
@@ -61,6 +74,16 @@ class SlurmJob:
         if world % self.nodes:
             raise ConfigError("--nodes", self.nodes, f"must divide dp*tp*pp*sp={world} (CPU processes per node)")
         return world // self.nodes
+
+    def check_elastic(self, cfg: RunConfig) -> None:
+        """Raises ConfigError if some node count from min_nodes to nodes cannot hold tp x pp x sp
+        (launcher/runtime/elastic.py keeps it and shrinks dp)."""
+        p, nproc = cfg.parallel, self.processes_per_node(cfg)
+        group = p.tp * p.pp * p.sp
+        for nodes in range(self.min_nodes or self.nodes, self.nodes):
+            if nodes * nproc % group:
+                raise ConfigError("--min-nodes", self.min_nodes, f"{nodes} node(s) x {nproc} processes cannot hold "
+                                  f"tp x pp x sp = {group} ranks; use more nodes, or smaller tp, pp or sp")
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,11 @@ def job_files(cfg: RunConfig) -> JobFiles:
 def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.executable, workdir: Path | None = None) -> str:
     """The batch script for `cfg` (checked: raises ConfigError if the job cannot run it)."""
     files, nproc = job_files(cfg), job.processes_per_node(cfg)
-    options = [f"--job-name={name}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
+    job.check_elastic(cfg)
+    nodes = f"{job.min_nodes}-{job.nodes}" if job.is_elastic else str(job.nodes)
+    options = [f"--job-name={name}", f"--nodes={nodes}"]
+    if not job.is_elastic:  # srun asks for one task a node; given to sbatch with a node range, SLURM
+        options.append("--ntasks-per-node=1")  # allocates the range's minimum (22.05), not what is free
     if job.gpus_per_node:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
     else:
@@ -106,6 +133,8 @@ def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.execut
                 if value is not None]
     options += [f"--output={files.logs}/%x-%j.out", "--open-mode=append", "--requeue",
                 f"--signal=USR1@{job.signal_grace}"]
+    if job.is_elastic:
+        options.append("--no-kill")  # a failed node leaves the job running on the others
     if job.gpus_per_node:
         environment = ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
                        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a dead rank fails collectives, not hangs them"]
@@ -113,15 +142,38 @@ def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.execut
         environment = ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
                        "export CUDA_VISIBLE_DEVICES=  # CPU processes talk over gloo",
                        "export DS_ACCELERATOR=cpu"]
+    if job.is_elastic:
+        environment.append('export NODE_STATUS="$OUTPUT_DIR/slurm/node-status-$SLURM_JOB_ID"  # torchrun\'s exit, per node')
     values = {"sbatch_options": "\n".join(f"#SBATCH {o}" for o in options),
               "workdir": shlex.quote(str(workdir or Path.cwd())), "python": shlex.quote(python),
               "config": shlex.quote(str(files.config)), "nproc_per_node": str(nproc),
               "checkpoint_dir": shlex.quote(str(cfg.checkpoint_dir.resolve())),
               "max_restarts": str(job.max_restarts),
               "output_dir": shlex.quote(str(Path(cfg.train.output_dir).resolve())),
-              "environment": "\n".join(environment)}
+              "environment": "\n".join(environment),
+              # the job's max nodes are those SLURM gave it: the rendezvous closes once they all joined
+              "nnodes": f'"{job.min_nodes}:$SLURM_JOB_NUM_NODES"' if job.is_elastic else '"$SLURM_JOB_NUM_NODES"',
+              "kill_on_bad_exit": "0" if job.is_elastic else "1",
+              "node_status": _NODE_STATUS if job.is_elastic else "",
+              "elastic_status": _ELASTIC_STATUS if job.is_elastic else ""}
     template = resources.files("ithaca.slurm").joinpath("job.sbatch").read_text()
+    template = re.sub(r"^\{\{(\w+)\}\}\n", lambda m: f"{values[m.group(1)]}\n" if values[m.group(1)] else "", template,
+                      flags=re.MULTILINE)  # a block left out leaves no empty line
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+# In an elastic job each node's task records how its torchrun ended: srun fails when a node was lost,
+# but the job succeeded if a node left finished the run.
+_NODE_STATUS = "\n".join([
+    "status=$?",
+    'mkdir -p "$NODE_STATUS" && echo $status > "$NODE_STATUS/$SLURMD_NODENAME"',
+    "exit $status"])
+_ELASTIC_STATUS = "\n".join([
+    'if [ $status -ne 0 ] && grep -qsx 0 "$NODE_STATUS"/*; then',
+    '    echo "ithaca: srun exited with $status (a node was lost); the nodes left finished the run"',
+    "    status=0",
+    "fi",
+    'rm -rf "$NODE_STATUS"'])
 
 
 def submit(cfg: RunConfig, script: str) -> tuple[str, Path]:

@@ -14,23 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import failure_text, run_cli
-from slurm_cluster import SlurmCluster, unavailable_reason
+from slurm_cluster import SlurmCluster, started_cluster
 
 STEPS = 300  # ~8 s of training: long enough to signal it mid-run
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        print(f"no SLURM cluster: {reason}")
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from started_cluster(tmp_path_factory.mktemp("slurm"))
 
 
 def submit(cluster: SlurmCluster, shards: Path, out: Path, *extra: str, env: dict | None = None):

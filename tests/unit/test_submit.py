@@ -20,6 +20,8 @@ CASES = {  # golden file: submit options
     "gpu-2-nodes-all-options": ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
                                 "--time", "2-00:00:00", "--qos", "high", "--signal-grace", "300", "--max-restarts", "2",
                                 "--set", "parallel.dp=4", "--set", "parallel.sp=2"],
+    "cpu-2-nodes-elastic": ["--nodes", "2", "--gpus-per-node", "0", "--min-nodes", "1", "--max-restarts", "2",
+                            "--set", "parallel.dp=2", "--set", "parallel.sp=2"],
 }
 
 
@@ -51,6 +53,11 @@ def test_dry_run_prints_the_golden_script(capsys, debug_shards, monkeypatch, cas
     (["--nodes", "1", "--gpus-per-node", "4"], "--nodes=1: x --gpus-per-node=4 gives 4 GPUs but dp*tp*pp*sp=2"),
     (["--nodes", "1", "--gpus-per-node", "-1"], "--gpus-per-node=-1: use 0 (CPU processes) or more"),
     (["--nodes", "1", "--gpus-per-node", "0", "--max-restarts", "-1"], "--max-restarts=-1: use 0 (no restarts) or more"),
+    (["--nodes", "2", "--gpus-per-node", "0", "--min-nodes", "3", "--max-restarts", "1"], "--min-nodes=3: use 1 to --nodes=2"),
+    (["--nodes", "2", "--gpus-per-node", "0", "--min-nodes", "0", "--max-restarts", "1"], "--min-nodes=0: use 1 to --nodes=2"),
+    (["--nodes", "2", "--gpus-per-node", "0", "--min-nodes", "1"], "--max-restarts=0: use 1 or more with --min-nodes"),
+    (["--nodes", "2", "--gpus-per-node", "0", "--min-nodes", "1", "--max-restarts", "1", "--set", "parallel.dp=1",
+      "--set", "parallel.sp=2"], "--min-nodes=1: 1 node(s) x 1 processes cannot hold tp x pp x sp = 2 ranks"),
 ])
 def test_bad_options_exit_2_and_submit_nothing(capsys, debug_shards, options, message):
     code, out, err = dry_run(capsys, debug_shards, options)
