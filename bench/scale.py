@@ -9,8 +9,7 @@ checkpointing, and keeps the fastest that fits (or, when none fits, the smallest
 
 Validated on the CPU (bench/RESULTS.md, plan_check): per-rank memory within 10% and sp bytes equal to
 the counted bytes. Not validated: every step time and tokens/s figure (no GPU run yet; the device
-efficiency 0.4 and link figures are assumptions; linear layers' chunk and state work is not in the FLOP
-count), and memory on a GPU (bf16, other kernels).
+efficiency 0.4 and link figures are assumptions), and memory on a GPU (bf16, other kernels).
 
 Run:  python -m ithaca.bench.scale [--png bench/scale.png] [--gpus 8 64 ...] [--seq-lens 32768 ...]
 """
@@ -248,7 +247,7 @@ def published_comparison() -> list[Published]:
         f"gla-1b sp64 allgather ({lasp.layout.short()}) against llama-1b, the same shape with softmax layers, sp64 "
         f"ring ({ring.layout.short()}): the plan's ring runs softmax attention (quadratic), not comparable if the "
         f"paper's ring ran linear attention; the scan ({serial.layout.short()}) is the plan's nearest to LASP-1's "
-        "serial state passing, but it charges no wait along the chain"))
+        "serial state passing (its wait along the chain of 64 ranks charged, one hop after another)"))
     for seq_len in (32 * K, 128 * K, 256 * K):
         cp = _speed("llama-8b", "ring", "allgather", 8, seq_len, 8)
         out.append(Published(
