@@ -13,7 +13,7 @@ Layout (all made with iproute2 as root, in about a second, removed by `stop`):
   up on loopback unless it chooses the interface that reaches its peers.
 
 Faults: `cut(i)` / `mend(i)` take node i's port on the bridge down and up again (a partition);
-`throttle(i, kbit)` limits what node i sends (a slow link: tc's token bucket filter; netem's delay
+`throttle(i, kbit)` limits what node i sends until `unthrottle(i)` (a slow link: tc's token bucket filter; netem's delay
 is not used because sch_netem is missing from some kernels, this CI machine's included).
 """
 
@@ -134,6 +134,9 @@ class NetnsCluster:
         wait in a queue long enough that none is dropped."""
         self._check(["ip", "netns", "exec", node.namespace, "tc", "qdisc", "replace", "dev", "eth0", "root",
                      "tbf", "rate", f"{kbit}kbit", "burst", str(THROTTLE_BURST), "latency", "60s"])
+
+    def unthrottle(self, node: Node) -> None:
+        self._check(["ip", "netns", "exec", node.namespace, "tc", "qdisc", "del", "dev", "eth0", "root"])
 
     @staticmethod
     def _port(node: Node) -> str:
