@@ -99,7 +99,8 @@ class MemoryTerms:
     gradients: int
     optimizer: int
     activations: dict[str, int]
-    """by layer kind: "softmax", "linear", "delta"; and "recompute" (the layer the backward recomputes)"""
+    """by layer kind: "softmax", "linear", "delta"; and "recompute" (what the layer the backward
+    recomputes adds to the peak beyond those: recompute_excess)"""
     loss: int
     comm_buffers: int
 

@@ -28,6 +28,9 @@ two back.
 
 Activation checkpointing (full, or selective: the mixer's interior, where these exchanges happen)
 runs each layer's forward again in the backward, so the forward's sends count twice.
+
+Time: each rank sends a few states in the scan, but every rank waits for the whole chain, so the
+step time charges the scan its chain (scan_chain), not the busiest rank's bytes.
 """
 
 from __future__ import annotations
@@ -138,8 +141,8 @@ class Collective:
     overlapped_with: str | None = None
     """The compute it hides behind ("mixer": the layer's own attention), or None."""
     chain_bytes: int | None = None
-    """Bytes the step waits for one after another along a chain of ranks (the scan), when more than
-    `bytes`: the time is theirs over the bandwidth."""
+    """Bytes the step waits for one after another along a chain of ranks (the scan): the time is
+    theirs over the bandwidth, not `bytes`'."""
 
     @property
     def waited_bytes(self) -> int:
@@ -169,7 +172,7 @@ def sp_bytes_by_rank(cfg) -> dict[str, list[int]]:
     backward (`cfg` a RunConfig; the pipeline stage with the most layers)."""
     from ithaca.launcher.plan.memory import stage_parts
 
-    args, p, t = cfg.model, cfg.parallel, cfg.train
+    args, p = cfg.model, cfg.parallel
     if p.sp == 1:
         return {}
     layers = max((part[0] for part in stage_parts(cfg)), key=len)
