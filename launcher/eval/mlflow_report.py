@@ -2,11 +2,11 @@
 (launcher/tracking/journal.py), pushed at once; what the store does not take then stays in the
 journal for `ithaca track-sync`, like a training run's.
 
-`run`: into the MLflow run of the training run that wrote the checkpoint: the newest journal in the
-run's train.output_dir gets the metrics at the checkpoint's step and the files as artifacts under
-`ithaca_eval/<output folder name>/`; the run's status is left as it was. Refused before the eval
-starts while that journal is being pushed (its training runs, or `ithaca track-sync` pushes it),
-since one journal has one writer.
+`run`: into the MLflow run of the newest journal in the run's train.output_dir (the training run
+that wrote the checkpoint, unless a later fresh run started in that folder): the metrics at the
+checkpoint's step, the files as artifacts under `ithaca_eval/<output folder name>/`; the run's
+status is left as it was. Refused before the eval starts while that journal is being pushed (its
+training runs, or `ithaca track-sync` pushes it), since one journal has one writer.
 
 `new`: a new MLflow run of tracking.experiment (named tracking.run_name, else `eval <output folder
 name>`) in the training run's store (tracking.uri, else the run's local store): params = the eval's

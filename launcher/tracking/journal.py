@@ -1,8 +1,10 @@
 """The tracking journal: every MLflow call of a run, one JSON line each, on disk before MLflow sees it.
 
 `<train.output_dir>/tracking/<key>.jsonl`, where `<key>` is the run's tracking key
-(launcher/tracking/tracker.py). Only rank 0's training thread writes it (appending, flushed to the OS per
-record); pushers read it (launcher/tracking/push.py). Records, in the order of the calls:
+(launcher/tracking/tracker.py). One writer at a time appends to it, flushed to the OS per record:
+rank 0's training thread, or after training `ithaca eval --mlflow` (launcher/eval/mlflow_report.py,
+which holds the journal's push lock while it writes); pushers read it (launcher/tracking/push.py).
+Records, in the order of the calls:
 
     {"kind": "start", "time_ms", "uri", "experiment", "run_name", "artifact_location", "resumed"}
     {"kind": "params", "values": {name: str}}
