@@ -34,17 +34,24 @@ def restart_attempt() -> int:
 def _attempt_store() -> dict:
     """Under torchrun, the store, rank and world size for init_process_group, with keys of this attempt only.
 
-    torchrun (torch 2.13, c10d rendezvous) keeps one store across the attempts of --max-restarts
-    and does not prefix its keys per attempt: a restarted rank reads the addresses its killed
-    predecessors published and waits forever to connect to them (seen with gloo; pytorch#167288
-    reports the same under NCCL). Each attempt therefore gets its own key space.
+    torchrun (torch 2.13, c10d rendezvous) keeps one store, its agent's, across the attempts of
+    --max-restarts and does not prefix its keys per attempt: a restarted rank reads the addresses its
+    killed predecessors published and waits forever to connect to them (seen with gloo; pytorch#167288
+    reports the same under NCCL). Each attempt therefore gets its own key space. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launcher/runtime/torchrun_main.py sets it) the agent shares
+    no store: rank 0 hosts a new one each rendezvous round, as torch's env:// would, and no key
+    outlives its round (the restart count, which differs between a node that stayed and one that
+    came back, is then not needed to tell the rounds apart).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return {"store": dist.PrefixStore(f"ithaca/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
-            "world_size": int(os.environ["WORLD_SIZE"])}
+    rank, address = int(os.environ["RANK"]), (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(f"ithaca/attempt_{attempt}", dist.TCPStore(*address, is_master=False))
+    else:
+        store = dist.TCPStore(*address, is_master=rank == 0)
+    return {"store": store, "rank": rank, "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 @dataclass(frozen=True)

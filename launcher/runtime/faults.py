@@ -1,14 +1,16 @@
 """Faults injected for real, for tests only (never set in a real job): the one place the test-only
 environment variables are read.
 
-`ITHACA_TEST_FAULT=KIND:STEP:RANK` makes global rank RANK of a training run, at the start of step STEP
-(the training loop's one call, `at_step_start`, which does nothing when no fault is planned):
+`ITHACA_TEST_FAULT=KIND:STEP:RANK[:ATTEMPT]` makes global rank RANK of a training run, at the start of
+step STEP (the training loop's one call, `at_step_start`, which does nothing when no fault is planned):
 - `kill`: receive SIGKILL at the start of the step, before its first collective, so the other
   ranks wait in that collective and no checkpoint after step STEP-1 can exist (a kill fired
   from a timer could land after the step, and its checkpoint, on a busy machine);
-- `hang`: stop before the step's first collective and never return (the others wait in it).
-Only the first attempt of a torchrun job is faulted (TORCHELASTIC_RESTART_COUNT unset or 0), so a
-run restarted by --max-restarts goes through.
+- `hang`: stop before the step's first collective and never return (the others wait in it);
+- `stop`: SIGSTOP itself there, so a test holds the rank at a known step until it sends SIGCONT
+  (a stop signal sent meanwhile is handled as usual once it continues).
+Only attempt ATTEMPT (default 0, the first) of a torchrun job is faulted (TORCHELASTIC_RESTART_COUNT,
+unset meaning 0), so a run restarted by --max-restarts goes through.
 
 `ITHACA_TEST_BREAK=sp_grad_scale|sp_grad_drop` makes the layout run of `ithaca check` wrong on
 purpose (`break_for_tests`), as a sequence-parallel gradient bug would.
@@ -26,7 +28,7 @@ from torch import nn
 from ithaca.launcher.runtime.distributed import restart_attempt
 
 ENV = "ITHACA_TEST_FAULT"
-KINDS = ("kill", "hang")
+KINDS = ("kill", "hang", "stop")
 TEST_BREAK_VAR = "ITHACA_TEST_BREAK"
 
 
@@ -40,6 +42,8 @@ class Fault:
             return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         else:
             while True:
                 time.sleep(3600)
@@ -56,11 +60,13 @@ def at_step_start(step: int, rank: int) -> None:
 def planned_fault(rank: int) -> Fault | None:
     """This rank's fault from the environment, or None."""
     spec = os.environ.get(ENV)
-    if not spec or restart_attempt() > 0:
+    if not spec:
         return None
-    kind, step, fault_rank = spec.split(":")
+    kind, step, fault_rank, *attempt = spec.split(":")
     if kind not in KINDS:
         raise ValueError(f"{ENV}={spec!r}: the kind is one of {', '.join(KINDS)}")
+    if restart_attempt() != int(attempt[0] if attempt else 0):
+        return None
     return Fault(kind, int(step)) if int(fault_rank) == rank else None
 
 

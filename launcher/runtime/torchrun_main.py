@@ -1,7 +1,7 @@
 """torchrun as Ithaca starts it (from `ithaca train` and from SLURM jobs):
 `python -m ithaca.launcher.runtime.torchrun_main [--checkpoint-dir DIR] [--parent-pid PID] -- TORCHRUN_ARGS...`
 
-Three things over plain `torch.distributed.run`:
+Four things over plain `torch.distributed.run`:
 - with --parent-pid it dies with its parent (`ithaca train`): killed outright, that parent would
   otherwise leave torchrun and its ranks training on. The parent-death signal is SIGTERM, which
   torchrun hands to its ranks: they checkpoint at the step boundary and stop.
@@ -16,8 +16,17 @@ Three things over plain `torch.distributed.run`:
   still blocked there 80 s later with read_timeout=10, over 2 minutes with the default 60). A
   guard thread (`FailedRankGuard`) sees a rank of this node that failed and that the agent, blocked
   in the rendezvous, has not collected within AGENT_STUCK_SECONDS: it prints the failure line and
-  ends this node's processes. Start every node of a multi-node job this way:
-  `python -m ithaca.launcher.runtime.torchrun_main --checkpoint-dir DIR -- TORCHRUN_ARGS...`.
+  ends this node's processes.
+- a node can join a later rendezvous round (a lost node that comes back, so that an elastic job
+  grows again). torch 2.13's c10d rendezvous shares its agent's store with the ranks and publishes
+  that store's address (MASTER_ADDR, MASTER_PORT) in the first round's keys only: a node new in a
+  later round looks for them in that round's keys and waits forever (dynamic_rendezvous.py,
+  `next_rendezvous`: rank 0 skips `RendezvousStoreInfo.build` once `_bootstrap_store_info` is cached;
+  rendezvous/api.py `build`: `store.get(MASTER_ADDR_KEY)`). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+  (set here unless the user set it) makes rank 0's agent publish an address in every round, where
+  rank 0 of the ranks hosts their store (launcher/runtime/distributed.py).
+Start every node of a multi-node job this way:
+`python -m ithaca.launcher.runtime.torchrun_main --checkpoint-dir DIR -- TORCHRUN_ARGS...`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ FAILED = 1
 # this is long enough for a loaded machine and short beside any collective_timeout.
 AGENT_STUCK_SECONDS = 10.0
 _RENDEZVOUS = os.sep.join(("torch", "distributed", "elastic", "rendezvous"))
+UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     FailedRankGuard(args.checkpoint_dir)
+    os.environ.setdefault(UNSHARED_STORE, "1")
     torchrun_args = args.torchrun_args[1:] if args.torchrun_args[:1] == ["--"] else args.torchrun_args
     try:
         run(parse_args(torchrun_args))

@@ -28,6 +28,14 @@ def test_the_fault_plan_names_one_rank_and_only_the_first_attempt(monkeypatch):
         planned_fault(1)
 
 
+def test_a_fault_can_name_a_later_attempt(monkeypatch):
+    monkeypatch.setenv(ENV, "stop:7:0:1")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert planned_fault(0) is None  # the first attempt goes through
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert planned_fault(0) == Fault("stop", 7) and planned_fault(1) is None
+
+
 def _thread_frame(target) -> tuple[threading.Thread, object]:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
