@@ -4,7 +4,9 @@ What it measures: real `ithaca train` runs (DeepSpeed, gloo, fp32, one thread pe
 `ithaca prep`'s default corpus) of one model under several layouts, --steps steps each; the median
 of the step lines' `s_step` after --warmup steps. The first case, one rank, calibrates the device:
 the plan's compute term for it, set equal to its measured step, fixes `efficiency` (the fraction of
-the base device's peak a step's FLOPs reach). The calibrated device is written as a YAML file that
+the base device's peak a step's FLOPs reach). The warm-up must cover the steps whose live tensors
+the CPU step meter counts (launcher/train/metrics.py COUNTED_CPU_STEPS: counting slows them about
+2x). The calibrated device is written as a YAML file that
 `ithaca plan --device FILE` takes. Every other layout's step is then predicted with it and set beside
 its measurement. Only `efficiency` is fitted: the link figures (bandwidth, latency per message) stay
 the base row's assumptions, so what a multi-rank case's prediction misses is the communication and
@@ -31,6 +33,7 @@ from ithaca.bench.header import bench_header
 from ithaca.launcher.config.load import load_config
 from ithaca.launcher.plan.devices import Device, load_device, this_machine
 from ithaca.launcher.plan.report import Plan, make_plan
+from ithaca.launcher.train.metrics import COUNTED_CPU_STEPS
 
 MODEL = ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=768",
          "data.seq_len=1024", "train.global_batch=2", "train.micro_batch=1", "train.precision=fp32",
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="the base device row or file (default: this machine's)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=COUNTED_CPU_STEPS)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                         help="the first one named calibrates (it should have one rank)")
     args = parser.parse_args(argv)
