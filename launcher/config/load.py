@@ -65,6 +65,10 @@ def apply_override(raw: dict, item: str) -> None:
     section[parts[1]] = yaml.safe_load(value)
 
 
+REPLACED_KEYS = {"eval.passkey": "replaced by eval.metrics: list passkey there, e.g. eval.metrics=[loss,positions,passkey]"}
+"""Keys that configs written for earlier versions hold, and what to write instead."""
+
+
 def build(cls: type, raw: Any, prefix: str) -> Any:
     """Construct dataclass `cls` from a mapping, checking keys and types field by field."""
     where = prefix.rstrip(".") or "config"
@@ -73,6 +77,8 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if f"{prefix}{key}" in REPLACED_KEYS:
+            raise ConfigError(f"{prefix}{key}", raw[key], REPLACED_KEYS[f"{prefix}{key}"])
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
