@@ -74,9 +74,16 @@ class SlurmCluster:
         (self.root / "slurm.conf").write_text(self._slurm_conf())
         self._check(self.hosts[0].enter("slurmctld"))
         for host in self.hosts:
-            self._check(host.enter("slurmd", "-N", host.name))
+            self.start_slurmd(host)
+        self.wait_until_idle()
+
+    def start_slurmd(self, host: Host) -> None:
+        """slurmd on `host` (again, after a test killed it: the node returns to service)."""
+        self._check(host.enter("slurmd", "-N", host.name))
+
+    def wait_until_idle(self, timeout: float = 30) -> None:
         self._wait_until(lambda: self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.hosts),
-                         30, "every node to be idle")
+                         timeout, "every node to be idle")
 
     def _slurm_conf(self) -> str:
         r, controller = self.root, self.hosts[0]
@@ -95,6 +102,8 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none", "MinJobAge=300", "KillWait=30",
             # a requeued job made eligible waits for the scheduler's next pass (60 s by default)
             "SchedulerParameters=sched_interval=2",
+            # a node whose slurmd died is DOWN after this (300 s by default), ending its part of a job
+            "SlurmdTimeout=15",
             # RealMemory a GiB under what slurmd sees, or the node drains as "low RealMemory"
             *[f"NodeName={h.name} NodeAddr={h.address} {' '.join(hardware)} RealMemory={max(memory - 1024, 512)}"
               for h in self.hosts],

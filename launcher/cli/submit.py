@@ -153,7 +153,8 @@ def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.execut
               "environment": "\n".join(environment),
               # the job's max nodes are those SLURM gave it: the rendezvous closes once they all joined
               "nnodes": f'"{job.min_nodes}:$SLURM_JOB_NUM_NODES"' if job.is_elastic else '"$SLURM_JOB_NUM_NODES"',
-              "kill_on_bad_exit": "0" if job.is_elastic else "1",
+              # elastic: a task that fails, or a node SLURM finds dead, leaves the other nodes' tasks running
+              "srun_options": "--kill-on-bad-exit=0 --no-kill" if job.is_elastic else "--kill-on-bad-exit=1",
               "node_status": _NODE_STATUS if job.is_elastic else "",
               "elastic_status": _ELASTIC_STATUS if job.is_elastic else ""}
     template = resources.files("ithaca.slurm").joinpath("job.sbatch").read_text()

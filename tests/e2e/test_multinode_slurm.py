@@ -4,8 +4,9 @@ a namespace cluster (tests/netns_cluster.py, tests/slurm_cluster.py), each node 
 A two-node job of four CPU ranks (dp2 x sp2, Ulysses inside a node, `--gpus-per-node 0`: two
 processes a node) is preempted (USR1), requeued by its batch script, and resumes: the finished run
 follows the one-process loss curve, each step once, its ranks talking over the nodes' eth0. An
-elastic job (`--nodes 2 --min-nodes 1`) loses node 2 (every process of its task SIGKILLed) and
-finishes on node 1 alone, on a layout fitted to one rank, still on the one-process curve.
+elastic job (`--nodes 2 --min-nodes 1`) loses node 2 (every process on it SIGKILLed, slurmd
+included: SLURM marks the node down) and finishes on node 1 alone, on a layout fitted to one rank,
+still on the one-process curve.
 """
 
 from __future__ import annotations
@@ -95,25 +96,17 @@ def test_a_preempted_two_node_job_of_four_ranks_resumes_on_the_one_process_curve
     assert nodes.nodes[1].interface_bytes() - before > 100_000  # the dp gradient all-reduce crosses nodes
 
 
-def task_processes(node: Node, job_id: str) -> list[int]:
-    """The processes of the job's task on `node`: below its slurmstepd, in its network namespace."""
+def processes_in(node: Node) -> list[int]:
+    """Every process in `node`'s network namespace: its slurmd, the job's slurmstepd, torchrun, ranks."""
     namespace = os.stat(f"/run/netns/{node.namespace}").st_ino
-    steps = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _in(int(pid), namespace)
-             and _cmdline(int(pid)).startswith(f"slurmstepd: [{job_id}.0]")]
-    found, frontier = [], steps
-    while frontier:
-        children = [int(c) for p in frontier for t in os.listdir(f"/proc/{p}/task")
-                    for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
-        found += children
-        frontier = children
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == namespace:
+                found.append(int(pid))
+        except OSError:
+            pass  # ended meanwhile
     return found
-
-
-def _in(pid: int, namespace: int) -> bool:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == namespace
-    except OSError:
-        return False
 
 
 def _cmdline(pid: int) -> str:
@@ -125,22 +118,28 @@ def _cmdline(pid: int) -> str:
 
 def test_an_elastic_job_that_loses_a_node_finishes_on_the_one_left_on_the_same_curve(
         cluster, nodes, one_process, debug_shards, tmp_path):
-    """dp2, one rank a node (torchrun ranks nodes by hostname: rank 1 is node2's) loses node 2 after
-    the step-4 checkpoint; node 1 restarts alone as dp1 x 2 accumulation x 2 data workers."""
+    """dp2, one rank a node (torchrun ranks nodes by hostname: rank 1 is node2's) loses node 2 (every
+    process on it, slurmd included) after the step-4 checkpoint; SLURM marks it down, and node 1
+    restarts alone as dp1 x 2 accumulation x 2 data workers. Node 2 then comes back for the next test."""
     # rank 1 hangs at step 6 (ITHACA_TEST_FAULT, launcher/runtime/faults.py), so the kill lands mid-run
     job_id, log = submit(cluster, debug_shards, tmp_path, "--min-nodes", "1", "--max-restarts", "1",
                          "--set", "checkpoint.every=4", env={"ITHACA_TEST_FAULT": "hang:6:1"})
     wait_for(lambda: (tmp_path / "checkpoints" / "latest").is_file(), 300,
              f"job {job_id} made no checkpoint:\n{cluster.daemon_logs()}")
-    processes = task_processes(nodes.nodes[1], job_id)
-    assert processes, f"no process of job {job_id} in node2:\n{failure_text(log.read_text())}"
-    for pid in processes:
+    lost = nodes.nodes[1]
+    assert any(_cmdline(pid).startswith(f"slurmstepd: [{job_id}.0]") for pid in processes_in(lost))
+    for pid in processes_in(lost):
         os.kill(pid, signal.SIGKILL)
-    text = finished(cluster, job_id, log)
+    try:
+        text = finished(cluster, job_id, log)
+    finally:
+        cluster.start_slurmd(cluster.hosts[1])
+    assert f"srun: error: Node failure on {lost.hostname}" in text, failure_text(text)
     change = ("world 2 -> 1: dp 2 -> 1, accumulation 1 -> 2, data workers 1 -> 2; resharding "
               f"{tmp_path / 'checkpoints' / 'step_00000004'}")
     assert f"ithaca: {change}" in text, failure_text(text)
-    assert "a node was lost" in text and not (tmp_path / "slurm" / f"node-status-{job_id}").exists()
     client, (run,) = mlflow_runs(tmp_path)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, STEPS + 1))
     assert_follows(loss_history(tmp_path), one_process)
+    assert not (tmp_path / "slurm" / f"node-status-{job_id}").exists()
+    cluster.wait_until_idle(60)  # node 2 is back in service
