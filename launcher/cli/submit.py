@@ -3,6 +3,7 @@
 The job trains a frozen copy of the resolved config (written beside its logs), is requeueable,
 and asks SLURM for USR1 `signal_grace` seconds before its time limit: training then checkpoints
 at the next step boundary and the batch script requeues the job, which resumes on its own.
+With --min-nodes the job is elastic: it goes on without a node that dies, on the nodes left.
 """
 
 from __future__ import annotations
@@ -163,15 +164,16 @@ def render(cfg: RunConfig, job: SlurmJob, name: str, *, python: str = sys.execut
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
-# In an elastic job each node's task records how its torchrun ended: srun fails when a node was lost,
-# but the job succeeded if a node left finished the run.
+# In an elastic job each node's task records how its torchrun ended. srun fails when a node's processes
+# died while its slurmd lives (a node SLURM marks down is not counted), but the job succeeded if a
+# node left finished the run.
 _NODE_STATUS = "\n".join([
     "status=$?",
     'mkdir -p "$NODE_STATUS" && echo $status > "$NODE_STATUS/$SLURMD_NODENAME"',
     "exit $status"])
 _ELASTIC_STATUS = "\n".join([
     'if [ $status -ne 0 ] && grep -qsx 0 "$NODE_STATUS"/*; then',
-    '    echo "ithaca: srun exited with $status (a node was lost); the nodes left finished the run"',
+    '    echo "ithaca: srun exited with $status (a node\'s processes died); the nodes left finished the run"',
     "    status=0",
     "fi",
     'rm -rf "$NODE_STATUS"'])

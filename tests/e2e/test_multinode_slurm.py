@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import failure_text
-from netns_cluster import NetnsCluster, Node, started_cluster as started_nodes
+from netns_cluster import Node, started_cluster as started_nodes
 from slurm_cluster import SlurmCluster, namespace_hosts, started_cluster
 from test_multinode import STEPS, assert_follows, one_process  # noqa: F401 (one_process: a fixture used here)
 from test_train_cli import common_args, loss_history, mlflow_runs
