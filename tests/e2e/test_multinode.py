@@ -125,7 +125,10 @@ def wait_for(condition, what: str, limit: float = 300) -> None:
 
 
 def is_stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].startswith("T")
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].startswith("T")
+    except FileNotFoundError:  # a rank of the failed attempt, gone since it was listed
+        return False
 
 
 def sigterm_pending(pid: int) -> bool:
