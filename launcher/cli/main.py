@@ -216,13 +216,15 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if restart and has_checkpoint:  # torchrun restarted every rank after one failed (--max-restarts)
         args.resume = LATEST
         print(f"ithaca: restart {restart}: resuming from the latest complete checkpoint", file=sys.stderr)
-    if restart:  # an elastic restart (--nnodes MIN:MAX) may have fewer (or again all) nodes
-        from ithaca.launcher.runtime.elastic import fit_to_world
+    from ithaca.launcher.runtime.elastic import layout_for_this_attempt
 
-        latest = cfg.checkpoint_dir / (cfg.checkpoint_dir / LATEST).read_text().strip() if has_checkpoint else None
-        cfg, change = fit_to_world(cfg, env_world_size(), latest)
-        if change and os.environ.get("RANK") == "0":
-            print(f"ithaca: {change}", file=sys.stderr)
+    if args.resume == LATEST:  # the checkpoint the line names as resharded
+        resumed = cfg.checkpoint_dir / (cfg.checkpoint_dir / LATEST).read_text().strip() if has_checkpoint else None
+    else:
+        resumed = None if args.resume is None else Path(args.resume)
+    cfg, change = layout_for_this_attempt(cfg, resumed)
+    if change and os.environ.get("RANK") == "0":
+        print(f"ithaca: {change}", file=sys.stderr)
     preflight(cfg, env_world_size(), args.resume)
     from ithaca.launcher.train.loop import run_training
 

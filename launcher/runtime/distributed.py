@@ -31,6 +31,11 @@ def restart_attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def restarts_allowed() -> int:
+    """torchrun's --max-restarts for this job (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
 def _attempt_store() -> dict:
     """Under torchrun, the store, rank and world size for init_process_group, with keys of this attempt only.
 

@@ -53,6 +53,21 @@ def fit_to_world(cfg: RunConfig, world: int, checkpoint: Path | None) -> tuple[R
     return fitted, line
 
 
+def layout_for_this_attempt(cfg: RunConfig, checkpoint: Path | None) -> tuple[RunConfig, str | None]:
+    """The layout this torchrun attempt trains on, and the line saying what changed (None: the config's).
+
+    A job torchrun may restart (--max-restarts 1 or more) fits `cfg` to the world it was given on every
+    attempt: an elastic job (--nnodes MIN:MAX) can start on fewer nodes (SLURM gives it fewer), lose one
+    (a restart) or take one back, and a node that comes back counts its attempts from 0 again. A job
+    that cannot restart keeps the configured layout: a world other than the config's is the caller's
+    mistake and the config check refuses it."""
+    from ithaca.launcher.runtime.distributed import env_world_size, restart_attempt, restarts_allowed
+
+    if not (restart_attempt() or restarts_allowed()):
+        return cfg, None
+    return fit_to_world(cfg, env_world_size(), checkpoint)
+
+
 def _fitting(cfg: RunConfig, world: int) -> list[str]:
     """tp, pp, sp settings under the configured ones whose product divides `world`."""
     p = cfg.parallel

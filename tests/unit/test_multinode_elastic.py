@@ -8,7 +8,7 @@ import pytest
 
 from ithaca.launcher.config.load import load_config
 from ithaca.launcher.config.schema import ConfigError
-from ithaca.launcher.runtime.elastic import fit_to_world
+from ithaca.launcher.runtime.elastic import fit_to_world, layout_for_this_attempt
 
 CKPT = Path("runs/x/checkpoints/step_00000020")
 
@@ -35,3 +35,15 @@ def test_a_model_parallel_group_that_no_longer_fits_stops_naming_the_checkpoint_
     with pytest.raises(ConfigError, match=rf"4 ranks no longer fit the 2 left; the last complete checkpoint is "
                                           rf"{CKPT}; layouts that fit 2 ranks: parallel.tp=1 parallel.pp=1 parallel.sp=2"):
         fit_to_world(config("parallel.dp=1", "parallel.sp=4", "parallel.sp_method=ring"), 2, CKPT)
+
+
+@pytest.mark.parametrize("restart, allowed, fitted", [("0", "0", False), ("0", "1", True), ("1", "1", True)])
+def test_a_job_that_can_restart_is_fitted_on_every_attempt(monkeypatch, restart, allowed, fitted):
+    """SLURM may start an elastic job on fewer nodes, and a node that comes back counts its attempts from 0:
+    a job torchrun may restart is fitted from its first attempt on; one that cannot keeps the config's."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", allowed)
+    cfg = config("parallel.dp=2", "parallel.sp=2")
+    layout, line = layout_for_this_attempt(cfg, CKPT)
+    assert (layout.parallel.dp, line is not None) == ((1, True) if fitted else (2, False))
