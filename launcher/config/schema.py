@@ -7,6 +7,7 @@ needs the run (the world size). Every failure is a `ConfigError` reading `field=
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -209,8 +210,10 @@ class CheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     uri: str | None = None
-    """MLflow tracking URI (e.g. http://host:5000); omitted means a local SQLite store,
-    <train.output_dir>/mlflow/mlflow.db."""
+    """MLflow tracking URI (e.g. http://host:5000, sqlite:///PATH/mlflow.db); omitted means a local
+    SQLite store, <train.output_dir>/mlflow/mlflow.db. A file store (`file:PATH`, or a bare path) is
+    refused: MLflow 3 raises on it unless MLFLOW_ALLOW_FILE_STORE=true is set, and the run's journal
+    would only reach it by `ithaca track-sync` to another URI."""
     experiment: str = "ithaca"
     run_name: str | None = None
     flush_timeout: float = 60.0
@@ -220,6 +223,11 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.flush_timeout < 0:
             raise ConfigError("tracking.flush_timeout", self.flush_timeout, "use 0 or more seconds")
+        file_store = self.uri is not None and (self.uri.startswith("file:") or "://" not in self.uri)
+        if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise ConfigError("tracking.uri", self.uri, "MLflow 3 no longer takes a file store; use "
+                              "sqlite:///PATH/mlflow.db or a server http://HOST:PORT, or omit it for a SQLite "
+                              "store in train.output_dir")
 
 
 @dataclass(frozen=True, kw_only=True)

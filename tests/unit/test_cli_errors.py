@@ -19,6 +19,7 @@ def train(capsys, tmp_path, *extra: str) -> tuple[int, str]:
 @pytest.mark.parametrize("extra, message", [
     (["--set", "train.stpes=3"], "train.stpes=3: unknown key; did you mean 'steps'?"),
     (["--set", "eval.passkey=true"], "eval.passkey=True: replaced by eval.metrics: list passkey there"),
+    (["--set", "tracking.uri=file:/tmp/mlruns"], "tracking.uri='file:/tmp/mlruns': MLflow 3 no longer takes a file store"),
     (["--nproc", "3"], "dp*tp*pp*sp=2 must equal the world size 3"),
     (["--set", "parallel.tp=3"], "n_heads=4 must be divisible by tp*ulysses=3"),
     (["--set", "parallel.sp=2", "--set", "parallel.dp=1", "--set", "data.seq_len=127"],
