@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             metrics = {**({} if totals is None else eval_metrics(totals, cfg.eval.metrics)),
                        **({} if passkey is None else passkey.metrics())}
             files = [args.output / name for name in (EVAL_JSON, PLOT, PASSKEY_PLOT) if (args.output / name).is_file()]
-            log_eval(cfg, args.mlflow, step=record["step"] or 0, metrics=metrics, files=files, output=args.output)
+            log_eval(cfg, args.mlflow, step=record["step"] or 0, metrics=metrics, files=files, output=args.output,
+                     run_key=record.get("training_run_key"))
     return 0
 
 

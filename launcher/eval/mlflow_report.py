@@ -2,8 +2,9 @@
 (launcher/tracking/journal.py), pushed at once; what the store does not take then stays in the
 journal for `ithaca track-sync`, like a training run's.
 
-`run`: into the MLflow run of the newest journal in the run's train.output_dir (the training run
-that wrote the checkpoint, unless a later fresh run started in that folder): the metrics at the
+`run`: into the MLflow run of the training run that wrote the checkpoint: the journal of the
+tracking key its client state records, in the run's train.output_dir (the newest journal there for a
+checkpoint that records none, or whose journal is gone, said in one line): the metrics at the
 checkpoint's step, the files as artifacts under `ithaca_eval/<output folder name>/`; the run's
 status is left as it was. Refused before the eval starts while that journal is being pushed (its
 training runs, or `ithaca track-sync` pushes it), since one journal has one writer.
@@ -29,8 +30,14 @@ log = get_logger(__name__)
 EVAL_ARTIFACTS = "ithaca_eval"
 
 
-def training_journal(cfg: RunConfig) -> Path:
-    """The journal of the training run in cfg.train.output_dir; raises ConfigError when it has none."""
+def training_journal(cfg: RunConfig, run_key: str | None = None) -> Path:
+    """The journal of training run `run_key` in cfg.train.output_dir, else the newest there; raises
+    ConfigError when there is none."""
+    if run_key is not None:
+        path = journal_path(cfg.train.output_dir, run_key)
+        if path.is_file():
+            return path
+        log.warning(f"tracking: the checkpoint's run journal {path} is gone; logging into the newest journal there")
     key = newest_run_key(cfg.train.output_dir)
     if key is None:
         raise ConfigError("--mlflow", "run", f"no tracking journal in {Path(cfg.train.output_dir) / 'tracking'} "
@@ -46,14 +53,15 @@ def check_training_run_free(cfg: RunConfig) -> None:
 
 
 def log_eval(cfg: RunConfig, mode: str, *, step: int, metrics: dict[str, float], files: list[Path],
-             output: Path) -> None:
+             output: Path, run_key: str | None = None) -> None:
     """Journal the eval (rank 0, after it) as `mode` (run, new) says, and push the journal now.
-    `cfg` is the eval's config with the training run's train.output_dir."""
+    `cfg` is the eval's config with the training run's train.output_dir; `run_key` the tracking key
+    the checkpoint records (mode run)."""
     from ithaca.launcher.tracking.push import JournalPusher
 
     uri = tracking_uri(cfg)
     if mode == "run":
-        journal, folder, names = training_journal(cfg), cfg.train.output_dir, f"{EVAL_ARTIFACTS}/{output.name}/"
+        journal, folder, names = training_journal(cfg, run_key), cfg.train.output_dir, f"{EVAL_ARTIFACTS}/{output.name}/"
     else:
         journal, folder, names = journal_path(output, uuid.uuid4().hex), output, ""
     journal.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,8 @@ def evaluate_saved(cfg: RunConfig, *, checkpoint: Path | None, source: str,
         passkey = evaluator.run_passkey()
         record = eval_record(totals, metrics=cfg.eval.metrics, source=source, step=step, folder=evaluator.folder,
                              batches=cfg.eval.batches, passkey=passkey)
+        if checkpoint is not None:  # the MLflow run of the training run that saved it (tracking/tracker.py)
+            record["training_run_key"] = client.get("tracking_run_key")
         if rank == 0:
             write_report(record, totals, passkey, staging)
             staging.rename(output)

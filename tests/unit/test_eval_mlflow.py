@@ -5,6 +5,7 @@ CLI: tests/e2e/test_mlflow_server.py.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,18 @@ def test_a_new_run_gets_the_metrics_and_files_and_a_busy_or_missing_training_run
             check_training_run_free(cfg)
     finally:
         holder.close()
+
+
+def test_run_mode_takes_the_journal_of_the_checkpoints_run_over_a_newer_one(tmp_path):
+    from ithaca.launcher.eval.mlflow_report import training_journal
+    from ithaca.launcher.tracking.journal import journal_path
+
+    cfg = load_config("debug-cpu", [f"train.output_dir={tmp_path}"])
+    older, newer = journal_path(tmp_path, "older"), journal_path(tmp_path, "newer")
+    older.parent.mkdir(parents=True)
+    older.write_text("")
+    newer.write_text("")
+    os.utime(older, (1, 1))  # the checkpoint's run started first; a fresh run started in the folder since
+    assert training_journal(cfg, "older") == older
+    assert training_journal(cfg, None) == newer  # a checkpoint recording no key
+    assert training_journal(cfg, "gone") == newer  # its journal deleted: the newest, said in one line
